@@ -1,0 +1,1 @@
+"""hybridir: a DVC pipeline for hybrid batch training of multilingual dense retrievers."""

@@ -1,0 +1,121 @@
+"""Helpers every stage shares: user-facing errors, params, and atomic outputs.
+
+Stages never leave a half-written output behind: everything is written to a
+temporary sibling path and renamed into place only once it is complete, so a
+crash or a validation error keeps the previous output intact for DVC.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+SCHEMA_VERSION = "1"
+
+
+class PipelineError(Exception):
+    """An expected user error (bad input, bad params): reported as one line, no traceback."""
+
+
+def run_stage(main: Callable[[], Any]) -> None:
+    """Run a stage's `main`, turning a PipelineError into one stderr line and exit code 2."""
+    try:
+        main()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(params, dict):
+        raise PipelineError(f"{path}: expected a mapping of parameter groups")
+    return params
+
+
+def param(params: dict, dotted: str) -> Any:
+    """Look up `a.b.c` in params, with an error naming the missing key."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise PipelineError(f"params.yaml: missing parameter '{dotted}'")
+        node = node[part]
+    return node
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; move it into place only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary directories
+    target = tmp if is_dir else tmp / final.name
+    try:
+        yield target
+        if is_dir and final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        elif is_dir:
+            os.replace(tmp, final)
+        else:
+            os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_parquet(table: pa.Table, path: str | Path, made_by: dict | None = None) -> None:
+    """Write a Parquet file atomically, stamping the schema version and the params that made it."""
+    meta = dict(table.schema.metadata or {})
+    meta[b"hybridir.schema_version"] = SCHEMA_VERSION.encode()
+    if made_by is not None:
+        meta[b"hybridir.params"] = json.dumps(made_by, sort_keys=True).encode()
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+
+def read_parquet(path: str | Path, schema: pa.Schema) -> pa.Table:
+    """Read a stage's Parquet output, checking that it has the columns and types expected."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found (run the stage that makes it first)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise PipelineError(f"{path}: not a readable Parquet file ({err})") from None
+    version = (table.schema.metadata or {}).get(b"hybridir.schema_version", b"").decode()
+    if version != SCHEMA_VERSION:
+        raise PipelineError(f"{path}: schema version {version or 'missing'}, expected {SCHEMA_VERSION}")
+    for field in schema:
+        if field.name not in table.column_names:
+            raise PipelineError(f"{path}: missing column '{field.name}'")
+        if not table.schema.field(field.name).type.equals(field.type):
+            raise PipelineError(
+                f"{path}: column '{field.name}' has type {table.schema.field(field.name).type}, "
+                f"expected {field.type}"
+            )
+    return table.select(schema.names)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,342 @@
+"""The `fetch` stage: turn the raw QA sources into the Parquet tables of `sources.py`.
+
+Sources fetched = {data.train} ∪ data.eval. LAReQA files come from the offline
+mirror when HYBRIDIR_MIRROR is set, otherwise they are downloaded (and cached in
+`data/downloads/`); either way each file must match its pinned sha256, so every
+run sees the same bytes. The English `squad` source is a local SQuAD v1.1 .json
+file or a Hugging Face dataset id. Every source is parsed and validated before
+anything is written, so a bad input never leaves a partial `data/raw/` behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from bisect import bisect_right
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+import requests
+from tqdm import tqdm
+
+from pipeline.common import PipelineError, atomic_path, load_params, param, run_stage, write_parquet
+from pipeline.sources import CANDIDATES_SCHEMA, LAREQA_SOURCES, QUESTIONS_SCHEMA, SQUAD_SOURCES, LareqaSource
+
+RAW_DIR = Path("data/raw")
+DOWNLOADS_DIR = Path("data/downloads")
+
+Tables = tuple[pa.Table, pa.Table]  # (questions, candidates)
+
+_JSON_TYPES = {str: "a string", int: "an integer", list: "an array", dict: "an object"}
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", float: "a number", type(None): "null"}
+    return names.get(type(value)) or _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _get(obj: Any, key: str, typ: type, where: str, origin: str) -> Any:
+    """obj[key], checked to be of JSON type `typ`; errors name the file and the field path."""
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{origin}: {where or 'top level'}: expected an object, got {_json_type(obj)}")
+    if key not in obj:
+        raise PipelineError(f"{origin}: {where + ': ' if where else ''}missing field '{key}'")
+    value = obj[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        path = f"{where}.{key}" if where else key
+        raise PipelineError(f"{origin}: {path}: expected {_JSON_TYPES[typ]}, got {_json_type(value)}")
+    return value
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_sha256(data: bytes, want: str, origin: str) -> None:
+    """Refuse bytes that differ from the pinned ones: results must not drift with upstream edits."""
+    got = sha256_hex(data)
+    if got != want:
+        raise PipelineError(f"{origin}: sha256 {got} does not match the pinned {want} (corrupted or changed file)")
+
+
+def decode_json(data: bytes, origin: str) -> Any:
+    """Decode UTF-8 JSON bytes, with one-line errors that point into the file."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{origin}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{origin}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg})") from None
+
+
+# Sentence-final punctuation (optionally closed by quotes/brackets) followed by
+# whitespace and then something other than a lowercase letter ("e.g. the" stays whole).
+_SENTENCE = re.compile(r"""\S(?:.*?[.!?]["'”’)\]]*(?=\s+[^\sa-z])|(?:.*\S)?)""", re.DOTALL)
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+    """[start, end) offsets of the sentences of `text`, for SQuAD contexts that lack sentence_breaks.
+
+    A small regex rather than a library: no sentence splitter is among the
+    project's dependencies, and NLTK's punkt would need a data download that
+    offline machines cannot make. It splits after . ! ? (and closing quotes)
+    followed by whitespace and a character that is not a lowercase letter, so
+    abbreviations before a capital ("Dr. Who") are split too; in a candidate
+    pool that only costs a few short candidates.
+    """
+    return [m.span() for m in _SENTENCE.finditer(text)]
+
+
+def _sentence_breaks(par: dict, context: str, where: str, origin: str) -> list[tuple[int, int]]:
+    """A LAReQA paragraph's sentence_breaks, checked to be ordered, disjoint and inside the context."""
+    breaks = _get(par, "sentence_breaks", list, where, origin)
+    checked, prev_end = [], 0
+    for n, brk in enumerate(breaks):
+        at = f"{origin}: {where}.sentence_breaks[{n}]"
+        if not (isinstance(brk, list) and len(brk) == 2 and all(type(x) is int for x in brk)):
+            raise PipelineError(f"{at}: expected [start, end] integers, got {json.dumps(brk)[:80]}")
+        start, end = brk
+        if not 0 <= start < end:
+            raise PipelineError(f"{at}: [{start}, {end}] is empty or reversed")
+        if end > len(context):
+            raise PipelineError(f"{at}: [{start}, {end}] runs past the context (length {len(context)})")
+        if start < prev_end:
+            raise PipelineError(f"{at}: [{start}, {end}] overlaps the previous break (which ends at {prev_end})")
+        checked.append((start, end))
+        prev_end = end
+    return checked
+
+
+def _parse(doc: Any, lang: str, origin: str, split: Callable[[str], list[tuple[int, int]]] | None) -> Tables:
+    """Shared parser of SQuAD-format documents.
+
+    With `split=None` the sentences are the paragraph's `sentence_breaks`
+    (LAReQA); otherwise `split(context)` makes them, and paragraphs repeating an
+    earlier context share its candidates (SQuAD repeats a context per question).
+    """
+    q_group, q_text, q_answer = [], [], []
+    c_para, c_index, c_sentence = [], [], []
+    first_seen: dict[str, str] = {}  # question id -> where it first appeared
+    known: dict[str, tuple[int, list[int], list[int]]] = {}  # context -> (first candidate, starts, ends)
+    n_paragraphs = 0
+    for i, article in enumerate(_get(doc, "data", list, "", origin)):
+        for j, par in enumerate(_get(article, "paragraphs", list, f"data[{i}]", origin)):
+            where = f"data[{i}].paragraphs[{j}]"
+            context = _get(par, "context", str, where, origin)
+            if split is not None and context in known:
+                first, starts, ends = known[context]
+            else:
+                breaks = _sentence_breaks(par, context, where, origin) if split is None else split(context)
+                first, starts, ends = len(c_sentence), [s for s, _ in breaks], [e for _, e in breaks]
+                for n, (start, end) in enumerate(breaks):
+                    c_para.append(n_paragraphs)
+                    c_index.append(n)
+                    c_sentence.append(context[start:end])
+                n_paragraphs += 1
+                if split is not None:
+                    known[context] = (first, starts, ends)
+            for k, qa in enumerate(_get(par, "qas", list, where, origin)):
+                q_where = f"{where}.qas[{k}]"
+                qid = _get(qa, "id", str, q_where, origin)
+                question = _get(qa, "question", str, q_where, origin)
+                answers = _get(qa, "answers", list, q_where, origin)
+                if len(answers) != 1:
+                    raise PipelineError(f"{origin}: {q_where}.answers: expected exactly one answer, got {len(answers)}")
+                a_where = f"{q_where}.answers[0]"
+                start = _get(answers[0], "answer_start", int, a_where, origin)
+                text = _get(answers[0], "text", str, a_where, origin)
+                if not 0 <= start < len(context):
+                    raise PipelineError(
+                        f"{origin}: {a_where}.answer_start: {start} is outside the context (length {len(context)})"
+                    )
+                pos = start + len(text) - len(text.lstrip())  # an answer's leading blanks may sit between sentences
+                n = bisect_right(starts, pos) - 1
+                if n < 0 or pos >= ends[n]:
+                    raise PipelineError(
+                        f"{origin}: {a_where}.answer_start: {start} is outside every sentence break of its paragraph"
+                    )
+                if qid in first_seen:
+                    raise PipelineError(
+                        f"{origin}: {q_where}.id: duplicate question id '{qid}' (first at {first_seen[qid]})"
+                    )
+                first_seen[qid] = q_where
+                q_group.append(qid)
+                q_text.append(question)
+                q_answer.append(first + n)
+    if not q_group:
+        raise PipelineError(f"{origin}: no questions (every language needs at least one)")
+    questions = pa.table(
+        {"group_id": q_group, "lang": [lang] * len(q_group), "question": q_text, "answer_candidate": q_answer},
+        schema=QUESTIONS_SCHEMA,
+    )
+    candidates = pa.table(
+        {
+            "lang": [lang] * len(c_sentence),
+            "candidate": list(range(len(c_sentence))),
+            "paragraph": c_para,
+            "sentence_index": c_index,
+            "sentence": c_sentence,
+        },
+        schema=CANDIDATES_SCHEMA,
+    )
+    return questions, candidates
+
+
+def parse_lareqa(doc: Any, lang: str, origin: str) -> Tables:
+    """One LAReQA language file → (questions, candidates); `origin` names the file in errors."""
+    return _parse(doc, lang, origin, split=None)
+
+
+def parse_squad(doc: Any, origin: str) -> Tables:
+    """A SQuAD v1.1 document (no sentence_breaks) → English (questions, candidates)."""
+    return _parse(doc, "en", origin, split=split_sentences)
+
+
+def squad_rows_to_doc(rows: Iterable[dict]) -> dict:
+    """Hugging Face SQuAD rows → a SQuAD document, row i becoming data[0].paragraphs[i].
+
+    Field checks are left to `parse_squad`, so both squad routes validate alike.
+    """
+
+    def answers(value: Any) -> Any:
+        if isinstance(value, dict) and all(isinstance(value.get(k), list) for k in ("text", "answer_start")):
+            return [{"text": t, "answer_start": s} for t, s in zip(value["text"], value["answer_start"])]
+        return value
+
+    paragraphs = []
+    for row in rows:
+        qa = {key: row[key] for key in ("id", "question") if key in row}
+        if "answers" in row:
+            qa["answers"] = answers(row["answers"])
+        par = {"qas": [qa]}
+        if "context" in row:
+            par["context"] = row["context"]
+        paragraphs.append(par)
+    return {"data": [{"paragraphs": paragraphs}]}
+
+
+def download(
+    url: str, dest: Path, want_sha256: str, tries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60
+) -> bytes:
+    """The pinned bytes of `url`, cached at `dest`; retries transient failures with exponential backoff.
+
+    The cache file is only moved into place once its sha256 matches, so a
+    failed or corrupted download is never reused.
+    """
+    if dest.exists():
+        data = dest.read_bytes()
+        if sha256_hex(data) == want_sha256:
+            return data
+    with atomic_path(dest) as tmp:
+        for attempt in range(1, tries + 1):
+            try:
+                with requests.get(url, stream=True, timeout=timeout_s) as resp:
+                    if 400 <= resp.status_code < 500:
+                        raise PipelineError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+                    resp.raise_for_status()
+                    total = int(resp.headers.get("content-length", 0)) or None
+                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None)
+                    with tmp.open("wb") as f, bar:
+                        for chunk in resp.iter_content(chunk_size=1 << 16):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+                break
+            except requests.RequestException as err:
+                if attempt == tries:
+                    raise PipelineError(f"{url}: download failed after {tries} tries ({err})") from None
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+        data = tmp.read_bytes()
+        check_sha256(data, want_sha256, url)
+    return data
+
+
+def fetch_lareqa(source: LareqaSource, mirror: Path | None, downloads: Path) -> Tables:
+    """All languages of a LAReQA source, from the mirror if given, else downloaded into `downloads`."""
+    parts = []
+    for lang in source.langs:
+        if mirror is not None:
+            path = mirror / source.mirror_dir / f"{lang}.json"
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise PipelineError(f"{path}: file not found in the mirror (HYBRIDIR_MIRROR={mirror})") from None
+            check_sha256(data, source.sha256[lang], str(path))
+        else:
+            path = downloads / source.name / f"{lang}.json"
+            data = download(source.url_template.format(lang=lang), path, source.sha256[lang])
+        parts.append(parse_lareqa(decode_json(data, str(path)), lang, str(path)))
+    return pa.concat_tables([q for q, _ in parts]), pa.concat_tables([c for _, c in parts])
+
+
+def fetch_squad(spec: str, split: str) -> Tables:
+    """The `squad` source: a local SQuAD v1.1 .json file, or else a Hugging Face dataset id."""
+    if spec.endswith(".json"):
+        try:
+            data = Path(spec).read_bytes()
+        except FileNotFoundError:
+            raise PipelineError(f"params.yaml: data.squad: file not found: {spec}") from None
+        return parse_squad(decode_json(data, spec), spec)
+    import datasets  # slow to import, and only this route needs it
+
+    try:
+        rows = datasets.load_dataset(spec, split=split).to_list()
+    except Exception as err:  # datasets raises many unrelated types for "not reachable / not found"
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise PipelineError(
+            f"params.yaml: data.squad: cannot load dataset '{spec}' (offline? {type(err).__name__}: {reason})"
+        ) from None
+    return parse_squad(squad_rows_to_doc(rows), f"dataset '{spec}' split '{split}' (row i = data[0].paragraphs[i])")
+
+
+def sources_to_fetch(params: dict) -> list[str]:
+    """{data.train} ∪ data.eval, in that order, each checked to be a known source."""
+    known = sorted(set(LAREQA_SOURCES) | SQUAD_SOURCES)
+    evals = param(params, "data.eval")
+    if not isinstance(evals, list):
+        raise PipelineError(f"params.yaml: data.eval: expected a list of sources, got {evals!r}")
+    names = []
+    for key, name in [("data.train", param(params, "data.train"))] + [("data.eval", e) for e in evals]:
+        if name not in known:
+            raise PipelineError(f"params.yaml: {key}: unknown source {name!r} (known: {', '.join(known)})")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def count_table(tables: dict[str, Tables]) -> str:
+    """Rows per (source, language), as a small text table."""
+    lines = [f"{'source':<10}{'lang':<6}{'questions':>10}{'candidates':>12}"]
+    for name, (questions, candidates) in tables.items():
+        q_counts = Counter(questions.column("lang").to_pylist())
+        c_counts = Counter(candidates.column("lang").to_pylist())
+        for lang in sorted(q_counts):
+            lines.append(f"{name:<10}{lang:<6}{q_counts[lang]:>10}{c_counts[lang]:>12}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    params = load_params()
+    mirror = os.environ.get("HYBRIDIR_MIRROR")
+    tables, made_by = {}, {}
+    for name in sources_to_fetch(params):
+        made_by[name] = {"source": name}
+        if name in SQUAD_SOURCES:
+            spec, split = str(param(params, "data.squad")), str(param(params, "data.squad_split"))
+            made_by[name].update(squad=spec, squad_split=split)
+            tables[name] = fetch_squad(spec, split)
+        else:
+            tables[name] = fetch_lareqa(LAREQA_SOURCES[name], Path(mirror) if mirror else None, DOWNLOADS_DIR)
+    for name, (questions, candidates) in tables.items():
+        write_parquet(questions, RAW_DIR / name / "questions.parquet", made_by=made_by[name])
+        write_parquet(candidates, RAW_DIR / name / "candidates.parquet", made_by=made_by[name])
+    print(count_table(tables))
+
+
+if __name__ == "__main__":
+    run_stage(main)

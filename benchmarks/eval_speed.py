@@ -1,0 +1,156 @@
+"""Benchmark of the LAReQA evaluation: where the time goes, and what scoring costs in memory.
+
+Measured side by side in one run, on the same model, texts and batch size:
+  (a) texts and distinct texts of the evaluation;
+  (b) one plain `SentenceTransformer.encode` call over the distinct prefixed texts;
+  (c) the project's `evaluate_dataset` (total wall time, its own encode and score times),
+      with ratios total/own-encode and total/plain-encode;
+  (d) peak memory (tracemalloc; numpy reports its buffers to it) and time of `score_task`
+      on the real pool, on a pool N x larger (each language's candidate embeddings repeated,
+      answers in the first copy) and on N x more queries (repeated), all from the embeddings
+      of (b), so nothing is encoded again.
+
+Run from the repository root, after `dvc repro fetch` (data/raw/<dataset>/):
+    .venv/bin/python benchmarks/eval_speed.py --model models/base              # full XQuAD-R: ~20 min on 2 CPU cores
+    .venv/bin/python benchmarks/eval_speed.py --model models/base --limit 8    # quick check, ~1 min
+
+--limit N keeps the first N candidates of each language and the questions answered by them
+(a question's translation answered further on simply has no answer in that language).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import evaluate
+from pipeline.common import load_params, param
+from pipeline.evaluate import RetrievalTask, score_task, summarize
+
+
+def limited(questions: pd.DataFrame, candidates: pd.DataFrame, limit: int | None):
+    if limit is None:
+        return questions, candidates
+    return questions[questions["answer_candidate"] < limit], candidates[candidates["candidate"] < limit]
+
+
+def bigger_pool(task: RetrievalTask, pool: np.ndarray, factor: int) -> tuple[RetrievalTask, np.ndarray]:
+    """Each language's candidates repeated `factor` times; answers point into the first copy."""
+    sizes = np.diff(task.pool_offsets)
+    parts = [np.tile(pool[lo:hi], (factor, 1)) for lo, hi in zip(task.pool_offsets[:-1], task.pool_offsets[1:])]
+    offsets = np.concatenate([[0], np.cumsum(sizes * factor)])
+    shift = offsets[:-1] - task.pool_offsets[:-1]  # per language
+    answers = np.where(task.answers >= 0, task.answers + shift[None, :], -1)
+    texts = [t for y in range(len(sizes)) for t in task.candidate_text[task.pool_offsets[y]:task.pool_offsets[y + 1]] * factor]
+    return replace(task, candidate_text=texts, pool_offsets=offsets, answers=answers), np.concatenate(parts)
+
+
+def more_queries(task: RetrievalTask, queries: np.ndarray, factor: int) -> tuple[RetrievalTask, np.ndarray]:
+    return (
+        replace(task, query_lang=np.tile(task.query_lang, factor), query_text=task.query_text * factor,
+                answers=np.tile(task.answers, (factor, 1))),
+        np.tile(queries, (factor, 1)),
+    )
+
+
+def measure_scoring(task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, block: int) -> tuple[float, float]:
+    """(peak MiB allocated during score_task beyond what was live before, seconds)."""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    started = time.perf_counter()
+    score_task(task, queries, pool, block=block)
+    seconds = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    return peak / 2**20, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/base")
+    parser.add_argument("--dataset", default="xquad_r")
+    parser.add_argument("--langs", help="comma-separated language codes (default: all)")
+    parser.add_argument("--limit", type=int, help="first N candidates per language (and the questions they answer)")
+    parser.add_argument("--factor", type=int, default=10, help="how much larger the scaled pool / query set is")
+    parser.add_argument("--block", type=int, default=evaluate.QUERY_BLOCK)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    prefixes = (param(params, "model.query_prefix"), param(params, "model.passage_prefix"))
+    batch_size = param(params, "evaluate.batch_size")
+    langs = args.langs.split(",") if args.langs else None
+
+    questions, candidates, folder = evaluate.load_dataset(args.dataset)
+    questions, candidates = limited(questions, candidates, args.limit)
+    # evaluate_dataset reads the dataset itself: hand it the same (possibly limited) tables
+    evaluate.load_dataset = lambda name, raw_dir=None: (questions, candidates, folder)
+
+    chosen = evaluate.select_langs(sorted(candidates["lang"].unique()), langs, args.dataset)
+    task = evaluate.build_task(questions, candidates, chosen, str(folder))
+    texts = [prefixes[0] + t for t in task.query_text] + [prefixes[1] + t for t in task.candidate_text]
+    index, unique = pd.factorize(pd.Series(texts, dtype=object))
+    unique = list(unique)
+
+    model = evaluate.load_model(args.model, param(params, "model.max_length"))
+    import torch
+
+    print(f"model {args.model}  dataset {args.dataset}  langs {len(chosen)}  limit {args.limit}  "
+          f"batch {batch_size}  torch threads {torch.get_num_threads()}", flush=True)
+    model.encode(unique[:2 * batch_size], batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+
+    started = time.perf_counter()
+    plain = model.encode(unique, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                         show_progress_bar=False)
+    plain_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    summary, _, timing = evaluate.evaluate_dataset(model, args.dataset, langs, prefixes, batch_size)
+    total_seconds = time.perf_counter() - started
+
+    embeddings = np.asarray(plain, dtype=np.float32)[index]
+    n_queries = len(task.query_text)
+    queries, pool = embeddings[:n_queries], embeddings[n_queries:]
+    check = summarize(score_task(task, queries, pool, block=args.block))
+    same = all(abs(check[k] - summary[k]) < 1e-4 for k in ("mono_map", "cross_map", "multi_map"))
+
+    print()
+    print("(a) texts")
+    print(f"    {len(texts)} texts ({n_queries} queries + {len(pool)} candidates), {len(unique)} unique "
+          f"(evaluate: {timing['unique_texts']} of {timing['texts']})")
+    print("(b)-(c) time                               seconds   texts/s")
+    rows = [
+        ("plain SentenceTransformer.encode", plain_seconds),
+        ("evaluate_dataset: its encode", timing["encode_seconds"]),
+        ("evaluate_dataset: its scoring", timing["score_seconds"]),
+        ("evaluate_dataset: total (load..summary)", total_seconds),
+    ]
+    for name, seconds in rows:
+        print(f"    {name:<38}{seconds:>9.2f}{len(unique) / seconds:>10.1f}")
+    print(f"    total / own encode = {total_seconds / timing['encode_seconds']:.3f}   "
+          f"total / plain encode = {total_seconds / plain_seconds:.3f}   "
+          f"(metrics from the plain embeddings match evaluate's: {'yes' if same else 'NO'})")
+
+    cases = [("real pool", task, queries, pool)]
+    big_task, big_pool = bigger_pool(task, pool, args.factor)
+    cases.append((f"{args.factor}x pool", big_task, queries, big_pool))
+    many_task, many_queries = more_queries(task, queries, args.factor)
+    cases.append((f"{args.factor}x queries", many_task, many_queries, pool))
+    print(f"(d) score_task, block {args.block}")
+    print(f"    {'case':<14}{'queries':>9}{'pool':>9}{'emb MiB':>9}{'Q x P MiB':>11}{'peak MiB':>10}{'seconds':>9}")
+    for name, case_task, case_queries, case_pool in cases:
+        peak, seconds = measure_scoring(case_task, case_queries, case_pool, args.block)
+        emb = (case_queries.nbytes + case_pool.nbytes) / 2**20
+        full = len(case_queries) * len(case_pool) * 4 / 2**20  # an unblocked float32 score matrix
+        print(f"    {name:<14}{len(case_queries):>9}{len(case_pool):>9}{emb:>9.1f}{full:>11.1f}{peak:>10.1f}{seconds:>9.2f}")
+    print("    peak = allocations during scoring beyond the embeddings; 'Q x P' = one unblocked score matrix.")
+    print("    Blocked scoring keeps the peak near block x pool: flat in the number of queries, linear in the pool.")
+
+
+if __name__ == "__main__":
+    main()

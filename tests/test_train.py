@@ -1,0 +1,163 @@
+"""Contrastive training on the batch plan: loss, plan order, resumption, the stage end to end."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from pipeline import batches, train
+from pipeline.common import PipelineError, write_parquet
+from pipeline.sources import PAIRS_SCHEMA
+from tests.conftest import REPO
+
+CONFIG = train.TrainConfig(
+    lr=1e-3, temperature=0.05, warmup_ratio=0.1, weight_decay=0.01, max_length=64,
+    query_prefix="query: ", passage_prefix="passage: ", checkpoint_every=2, seed=7,
+)
+
+
+def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
+    rows = [
+        {"group_id": f"g{g}", "lang": lang, "question": f"{lang} question {g} about topic {g * 7}",
+         "passage": f"{lang} passage {g}: the answer is {g * 7} in the city {g}."}
+        for g in range(n_groups) for lang in langs
+    ]
+    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+
+
+def make_plan(pairs: pa.Table, steps: int = 6, batch_size: int = 4, seed: int = 3) -> pa.Table:
+    return batches.plan_batches(batches.groups_from_pairs(pairs), 0.5, "batch", batch_size, steps, seed)
+
+
+def load(model_dir: Path):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    model.max_seq_length = CONFIG.max_length
+    return model
+
+
+def test_info_nce_is_cross_entropy_over_in_batch_passages():
+    torch.manual_seed(0)
+    q, p = torch.randn(5, 8), torch.randn(5, 8)
+    qn, pn = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+    logits = qn @ pn.T / 0.05
+    expected = -torch.stack([logits[i, i] - torch.logsumexp(logits[i], 0) for i in range(5)]).mean()
+    assert torch.allclose(train.info_nce_loss(q, p, 0.05), expected, atol=1e-6)
+    # a perfect match (each query equal to its passage, others orthogonal) costs almost nothing
+    eye = torch.eye(5, 8)
+    assert train.info_nce_loss(eye, eye, 0.05) < 1e-6
+
+
+def test_plan_texts_follow_the_plan_with_prefixes():
+    pairs = make_pairs()
+    plan = make_plan(pairs)
+    queries, passages = train.plan_texts(plan, pairs, "query: ", "passage: ")
+    assert len(queries) == 6 and all(len(b) == 4 for b in queries)
+    first = plan.slice(0, 1).to_pylist()[0]
+    g = first["group_id"][1:]
+    assert queries[0][0] == f"query: {first['query_lang']} question {g} about topic {int(g) * 7}"
+    assert passages[0][0].startswith(f"passage: {first['passage_lang']} passage {g}:")
+
+
+def test_plan_texts_names_a_pair_missing_from_the_pairs_file():
+    pairs = make_pairs()
+    plan = make_plan(pairs)
+    without_de = pairs.filter(pa.compute.not_equal(pairs["lang"], "de"))
+    with pytest.raises(PipelineError, match="has no pair in language 'de'"):
+        train.plan_texts(plan, without_de, "query: ", "passage: ")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("temperature", 0.0, "train.temperature"), ("lr", -1.0, "train.lr"), ("warmup_ratio", 1.5, "train.warmup_ratio")],
+)
+def test_bad_hyper_parameters_are_named(field, value, message):
+    with pytest.raises(PipelineError, match=message):
+        train.check_config(train.TrainConfig(**{**CONFIG.__dict__, field: value}))
+
+
+def test_training_lowers_the_loss_and_keeps_token_embeddings(tiny_model_dir):
+    pairs = make_pairs()
+    queries, passages = train.plan_texts(make_plan(pairs, steps=1), pairs, "query: ", "passage: ")
+    model = load(tiny_model_dir)
+    embeddings_before = model[0].auto_model.get_input_embeddings().weight.detach().clone()
+    layer_before = model[0].auto_model.encoder.layer[0].attention.self.query.weight.detach().clone()
+    with torch.no_grad():
+        loss_before = train.info_nce_loss(train.embed(model, queries[0]), train.embed(model, passages[0]), 0.05)
+    summary = train.train(model, queries * 30, passages * 30, CONFIG)
+    assert summary["steps"] == 30 and summary["final_loss"] < 0.5 * loss_before.item()
+    assert torch.equal(model[0].auto_model.get_input_embeddings().weight, embeddings_before)
+    assert not torch.equal(model[0].auto_model.encoder.layer[0].attention.self.query.weight, layer_before)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    pairs = make_pairs()
+    queries, passages = train.plan_texts(make_plan(pairs, steps=6), pairs, "query: ", "passage: ")
+    uninterrupted = load(tiny_model_dir)
+    train.train(uninterrupted, queries, passages, CONFIG)
+
+    checkpoint = tmp_path / "train.pt"
+    killed = load(tiny_model_dir)
+    train.train(killed, queries, passages, CONFIG, checkpoint, fingerprint="run", stop_after=3)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2  # step 3 was lost with the crash
+    resumed = load(tiny_model_dir)
+    summary = train.train(resumed, queries, passages, CONFIG, checkpoint, resume=True, fingerprint="run")
+    assert summary["resumed_from_step"] == 2
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_checkpoint_of_other_inputs_is_not_resumed(tiny_model_dir, tmp_path):
+    pairs = make_pairs()
+    queries, passages = train.plan_texts(make_plan(pairs, steps=2), pairs, "query: ", "passage: ")
+    checkpoint = tmp_path / "train.pt"
+    train.train(load(tiny_model_dir), queries, passages, CONFIG, checkpoint, fingerprint="old plan")
+    summary = train.train(load(tiny_model_dir), queries, passages, CONFIG, checkpoint, resume=True, fingerprint="new")
+    assert summary["resumed_from_step"] == 0
+
+
+def stage_dir(tmp_path: Path, tiny_model_dir: Path, **train_params) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"checkpoint_every": 2, **train_params})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    pairs = make_pairs()
+    write_parquet(pairs, tmp_path / "data/parallel/pairs.parquet")
+    write_parquet(make_plan(pairs, steps=3), tmp_path / "data/batches/plan.parquet")
+    shutil.copytree(tiny_model_dir, tmp_path / "models/base")
+    return tmp_path
+
+
+def run_stage(cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--resume"], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_stage_writes_a_loadable_model_metrics_and_curves(tmp_path, tiny_model_dir):
+    cwd = stage_dir(tmp_path, tiny_model_dir)
+    result = run_stage(cwd)
+    assert result.returncode == 0, result.stderr
+    model = load(cwd / "models/retriever")
+    assert model.encode(["query: hello"]).shape == (1, 32)
+    summary = json.loads((cwd / "metrics/train.json").read_text())
+    assert summary["steps"] == 3 and summary["device"] == "cpu" and summary["pairs_per_s"] > 0
+    loss_curve = (cwd / "metrics/train_live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert loss_curve[0].split("\t")[:2] == ["step", "loss"] and len(loss_curve) == 4
+    assert not (cwd / "models/checkpoints/train.pt").exists()
+
+
+def test_stage_rejects_a_zero_temperature_without_writing(tmp_path, tiny_model_dir):
+    cwd = stage_dir(tmp_path, tiny_model_dir, temperature=0)
+    result = run_stage(cwd)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: params.yaml: train.temperature: 0 must be > 0"]
+    assert not (cwd / "models/retriever").exists()

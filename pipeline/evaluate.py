@@ -30,7 +30,10 @@ from pipeline.metrics import average_precision, rank_distance, ranks_of, recall_
 from pipeline.sources import CANDIDATES_SCHEMA, LAREQA_SOURCES, QUESTIONS_SCHEMA
 
 RAW_DIR = Path("data/raw")
-QUERY_BLOCK = 512  # queries scored at once against the whole multilingual pool
+# Scores held at once (64 MiB of float32): queries are scored in blocks of
+# SCORE_BUDGET // pool size against the whole multilingual pool, so a pool 10x
+# larger gets blocks 10x smaller and peak memory stays flat.
+SCORE_BUDGET = 2**24
 
 
 @dataclass
@@ -104,8 +107,9 @@ def encode_unique(model, texts: list[str], batch_size: int) -> tuple[np.ndarray,
     return np.asarray(embeddings, dtype=np.float32), index
 
 
-def score_task(task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, block: int = QUERY_BLOCK) -> TaskScores:
+def score_task(task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, block: int | None = None) -> TaskScores:
     """All three settings from one [block, pool] score matrix per block of queries."""
+    block = block or max(1, SCORE_BUDGET // max(1, len(pool)))
     n_langs = len(task.langs)
     ap_sum = np.zeros((n_langs, n_langs))
     r1_sum = np.zeros((n_langs, n_langs))
@@ -127,6 +131,7 @@ def score_task(task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, block
             np.add.at(ap_sum[:, y], q_lang[has], average_precision(pair_ranks))
             np.add.at(r1_sum[:, y], q_lang[has], recall_at_k(pair_ranks, 1))
             np.add.at(count[:, y], q_lang[has], 1)
+        del scores, ranks  # free this block's matrix before the next one is computed
     with np.errstate(invalid="ignore"):
         pair_map = pd.DataFrame(ap_sum / count, index=task.langs, columns=task.langs)
         pair_r1 = pd.DataFrame(r1_sum / count, index=task.langs, columns=task.langs)
@@ -186,6 +191,9 @@ def load_dataset(name: str, raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, pd.D
 def select_langs(available: list[str], wanted: list[str] | None, dataset: str) -> list[str]:
     if not wanted:
         return available
+    repeated = sorted({lang for lang in wanted if wanted.count(lang) > 1})
+    if repeated:
+        raise PipelineError(f"{dataset}: language code(s) repeated: {', '.join(repeated)}")
     unknown = [lang for lang in wanted if lang not in available]
     if unknown:
         raise PipelineError(
@@ -194,11 +202,15 @@ def select_langs(available: list[str], wanted: list[str] | None, dataset: str) -
     return list(wanted)
 
 
-def evaluate_dataset(model, name: str, langs: list[str] | None, prefixes: tuple[str, str], batch_size: int):
-    """Encode and score one dataset; returns (summary dict, TaskScores, timing dict)."""
+def prepare_task(name: str, langs: list[str] | None) -> RetrievalTask:
+    """Load and check one dataset, before any model is loaded, so bad input fails fast."""
     questions, candidates, folder = load_dataset(name)
     langs = select_langs(sorted(candidates["lang"].unique()), langs, name)
-    task = build_task(questions, candidates, langs, str(folder))
+    return build_task(questions, candidates, langs, str(folder))
+
+
+def evaluate_task(model, task: RetrievalTask, prefixes: tuple[str, str], batch_size: int):
+    """Encode and score one dataset; returns (summary dict, TaskScores, timing dict)."""
     query_prefix, passage_prefix = prefixes
     texts = [query_prefix + t for t in task.query_text] + [passage_prefix + t for t in task.candidate_text]
     started = time.perf_counter()
@@ -282,12 +294,11 @@ def main() -> None:
     batch_size = param(params, "evaluate.batch_size")
     if not datasets:
         raise PipelineError("params.yaml: evaluate.datasets: empty; name at least one dataset")
-    for name in datasets:  # fail on a bad name before loading the model
-        load_dataset(name)
+    tasks = {name: prepare_task(name, langs) for name in datasets}  # bad input fails before the model loads
     model = load_model(args.model, param(params, "model.max_length"))
     report, results = {}, {}
-    for name in datasets:
-        summary, scores, timing = evaluate_dataset(model, name, langs, prefixes, batch_size)
+    for name, task in tasks.items():
+        summary, scores, timing = evaluate_task(model, task, prefixes, batch_size)
         report[name], results[name] = summary, scores
         print(format_summary(name, summary))
         print(

@@ -17,6 +17,7 @@ import pytest
 from pipeline import evaluate, fetch
 from pipeline.common import read_parquet, run_stage, write_parquet
 from pipeline.evaluate import RetrievalTask, build_task, encode_unique, score_task, summarize
+from pipeline.metrics import ranks_of
 from pipeline.sources import QUESTIONS_SCHEMA
 from tests.conftest import REPO, mirror_file
 
@@ -107,12 +108,34 @@ def test_block_size_does_not_change_results(block):
     pd.testing.assert_frame_equal(blocked.languages, whole.languages)
 
 
+@pytest.mark.parametrize(("budget", "block", "rows"), [
+    (2 * POOL + 1, None, [2, 2, 1]),  # SCORE_BUDGET // pool = 2 queries a block
+    (1, None, [1] * 5),  # a pool over the budget still scores one query at a time
+    (1, 4, [4, 1]),  # an explicit block overrides the budget
+])
+def test_default_block_follows_the_score_budget(budget, block, rows, monkeypatch):
+    task, queries, pool = synthetic_task()
+    seen = []
+
+    def spy(scores, relevant_idx):
+        if scores.shape[1] == POOL:  # the multilingual call, once per block
+            seen.append(scores.shape[0])
+        return ranks_of(scores, relevant_idx)
+
+    monkeypatch.setattr(evaluate, "SCORE_BUDGET", budget)
+    monkeypatch.setattr(evaluate, "ranks_of", spy)
+    blocked, whole = score_task(task, queries, pool, block=block), score_task(task, queries, pool, block=512)
+    assert seen == [*rows, 5]  # then the one block of the block=512 run
+    pd.testing.assert_frame_equal(blocked.pair_map, whole.pair_map)
+    pd.testing.assert_frame_equal(blocked.languages, whole.languages)
+
+
 def test_score_task_on_random_embeddings_agrees_with_a_direct_computation():
     """Random pools of 3 languages with missing groups: every pair and multi figure from first principles."""
     rng = np.random.default_rng(0)
     langs, sizes = ["en", "de", "zh"], [7, 5, 6]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    groups = 4
+    groups = 12
     present = rng.random((groups, 3)) < 0.7
     present[:, 0] = True
     answer = np.stack([np.where(present[:, y], offsets[y] + rng.integers(0, sizes[y], groups), -1) for y in range(3)], 1)
@@ -223,20 +246,13 @@ def test_build_task_rejects_a_language_without_candidates(tables):
         build_task(questions, candidates[candidates["lang"] != "de"], ["en", "de"], "x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="select_langs lets a code through twice (--langs en,de,en): build_task then counts its pool twice "
-    "and score_task dies with a ValueError traceback (answer index past the pool)",
-)
-def test_a_repeated_language_code_is_rejected_or_collapsed(tables):
-    questions, candidates = (t.to_pandas() for t in tables)
-    try:
-        langs = evaluate.select_langs(["de", "en", "es"], ["en", "de", "en"], "xquad_r")
-    except evaluate.PipelineError:
-        return
-    task = build_task(questions, candidates, langs, "x")
-    assert task.pool_offsets[-1] == len(task.candidate_text)
-    assert task.answers.max() < len(task.candidate_text)
+def test_a_repeated_language_code_is_rejected():
+    """--langs en,de,en would count en's pool twice (answers past the pool); it is an input error instead."""
+    with pytest.raises(evaluate.PipelineError, match=r"^xquad_r: language code\(s\) repeated: en$"):
+        evaluate.select_langs(["de", "en", "es"], ["en", "de", "en"], "xquad_r")
+    with pytest.raises(evaluate.PipelineError, match=r"^xquad_r: language code\(s\) repeated: de, en$"):
+        evaluate.select_langs(["de", "en", "es"], ["en", "de", "en", "de"], "xquad_r")
+    assert evaluate.select_langs(["de", "en", "es"], ["es", "en"], "xquad_r") == ["es", "en"]  # order kept
 
 
 # --- encode_unique ----------------------------------------------------------------------
@@ -320,18 +336,12 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]  # no leftovers of atomic writes
 
 
-def _assert_error(code: int, stderr: str, match: str, out: Path, only_line: bool = True) -> None:
-    """Exit 2, a one-line `error: ...` as the last stderr line, no traceback, no output written.
-
-    only_line=False tolerates library progress bars printed before the error (see the xfail test below).
-    """
+def _assert_error(code: int, stderr: str, match: str, out: Path) -> None:
+    """Exit 2, `error: ...` as the only stderr line (no traceback, no progress bars), no output written."""
     assert code == 2
     lines = stderr.strip().splitlines()
-    assert "Traceback" not in stderr and lines and lines[-1].startswith("error: "), stderr[-2000:]
-    assert [line for line in lines if line.startswith("error")] == lines[-1:]
-    if only_line:
-        assert len(lines) == 1, stderr[-2000:]
-    assert match in lines[-1]
+    assert "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    assert match in lines[0]
     assert not out.exists()
 
 
@@ -359,7 +369,7 @@ def _run_in_process(cwd: Path, monkeypatch, capfd, *args: str) -> tuple[int, str
 def test_cli_unknown_language(workdir, tiny_model_dir, monkeypatch, capfd):
     code, err = _run_in_process(workdir, monkeypatch, capfd, "--model", str(tiny_model_dir), "--dataset", "xquad_r",
                                 "--langs", "en,xx", "--out", "bad.json")
-    _assert_error(code, err, "unknown language code(s) xx (available: de, en, es)", workdir / "bad.json", False)
+    _assert_error(code, err, "unknown language code(s) xx (available: de, en, es)", workdir / "bad.json")
 
 
 @pytest.fixture
@@ -379,21 +389,20 @@ def test_cli_answer_out_of_range(out_of_range_dir, tiny_model_dir, monkeypatch, 
     root, n_en = out_of_range_dir
     code, err = _run_in_process(root, monkeypatch, capfd, "--model", str(tiny_model_dir), "--dataset", "xquad_r",
                                 "--out", "bad.json")
-    _assert_error(code, err, f"answer_candidate {n_en} of question", root / "bad.json", False)
+    _assert_error(code, err, f"answer_candidate {n_en} of question", root / "bad.json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate.main checks dataset names before loading the model, but --langs and the data only after "
-    "(in evaluate_dataset): a typo costs a model load and stderr gets its progress bars before the error",
-)
-@pytest.mark.parametrize("case", ["unknown_language", "answer_out_of_range"])
+@pytest.mark.parametrize("case", ["unknown_language", "repeated_language", "answer_out_of_range"])
 def test_bad_input_is_rejected_before_the_model_loads(case, workdir, out_of_range_dir, monkeypatch, capfd):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(evaluate, "load_model", no_model)
-    root, args = (workdir, ["--langs", "en,xx"]) if case == "unknown_language" else (out_of_range_dir[0], [])
+    root, args, match = {
+        "unknown_language": (workdir, ["--langs", "en,xx"], "xquad_r: unknown language code(s) xx"),
+        "repeated_language": (workdir, ["--langs", "en,de,en"], "xquad_r: language code(s) repeated: en"),
+        "answer_out_of_range": (out_of_range_dir[0], [], f"answer_candidate {out_of_range_dir[1]} of question"),
+    }[case]
     code, err = _run_in_process(root, monkeypatch, capfd, "--model", "unused", "--dataset", "xquad_r",
                                 "--out", "bad.json", *args)
-    _assert_error(code, err, "", root / "bad.json")
+    _assert_error(code, err, match, root / "bad.json")

@@ -13,7 +13,6 @@ Any other `model.base` is a Hugging Face hub id, loaded and saved as it is.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import struct
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.common import PipelineError, atomic_path, load_params, param, run_stage, write_json
+from pipeline.common import PipelineError, atomic_path, load_params, param, run_stage, stage_parser, write_json
 
 QK = 32  # weights per Q4_0 block
 Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
@@ -292,11 +291,7 @@ def conversion_cosines(model_dir: str | Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="models/base")
-    parser.add_argument("--metrics", default="metrics/base_model.json")
-    args = parser.parse_args()
+    args = stage_parser(__doc__, out="models/base", metrics="metrics/base_model.json").parse_args()
     params = load_params(args.params)
     base = param(params, "model.base")
     prefixes = param(params, "model.query_prefix"), param(params, "model.passage_prefix")

@@ -23,9 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.common import PipelineError, load_params, param, read_parquet, run_stage, write_json, write_parquet
-from pipeline.sources import PAIRS_SCHEMA
+from pipeline.sources import PAIRS_PATH, PAIRS_SCHEMA
 
-PAIRS_PATH = Path("data/parallel/pairs.parquet")
 PLAN_PATH = Path("data/batches/plan.parquet")
 METRICS_PATH = Path("metrics/batches.json")
 UNITS = ("batch", "pair")

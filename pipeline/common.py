@@ -6,6 +6,7 @@ crash or a validation error keeps the previous output intact for DVC.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -33,6 +34,15 @@ def run_stage(main: Callable[[], Any]) -> None:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def stage_parser(doc: str, out: str, metrics: str) -> argparse.ArgumentParser:
+    """A stage's command line: --params, and its --out / --metrics paths (defaults = dvc.yaml's)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--metrics", default=metrics)
+    return parser
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:

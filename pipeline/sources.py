@@ -10,6 +10,7 @@ Every source becomes two tables under `data/raw/<source>/`:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -94,6 +95,7 @@ SQUAD_SOURCES = {"squad"}
 # What `translate` writes and `batches`/`train` read (`data/parallel/pairs.parquet`):
 # one row per (group, language) with the question and its answer sentence (the
 # positive passage) in that language. A group is one question id across languages.
+PAIRS_PATH = Path("data/parallel/pairs.parquet")
 PAIRS_SCHEMA = pa.schema(
     [
         pa.field("group_id", pa.string(), nullable=False),

@@ -10,7 +10,6 @@ last one, ending in the same state as an uninterrupted run.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -18,17 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.batches import PLAN_PATH, PLAN_SCHEMA
-from pipeline.common import PipelineError, atomic_path, load_params, param, read_parquet, run_stage, write_json
-from pipeline.sources import PAIRS_SCHEMA
+from pipeline.common import PipelineError, atomic_path, load_params, param, read_parquet, run_stage, stage_parser, write_json
+from pipeline.sources import PAIRS_PATH, PAIRS_SCHEMA
 
-PAIRS_PATH = Path("data/parallel/pairs.parquet")
 CHECKPOINT_PATH = Path("models/checkpoints/train.pt")
 
 
@@ -73,18 +70,18 @@ def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, temperature: fl
 
 def plan_texts(plan: pa.Table, pairs: pa.Table, query_prefix: str, passage_prefix: str) -> tuple[list[list[str]], list[list[str]]]:
     """The (queries, passages) of every planned batch, in plan order, with the model's prefixes."""
-    questions = {(g, l): q for g, l, q in zip(*(pairs[c].to_pylist() for c in ("group_id", "lang", "question")))}
-    passages = {(g, l): p for g, l, p in zip(*(pairs[c].to_pylist() for c in ("group_id", "lang", "passage")))}
+    columns = (pairs[c].to_pylist() for c in ("group_id", "lang", "question", "passage"))
+    texts = {(g, lang): (q, p) for g, lang, q, p in zip(*columns)}
     batch, group, q_lang, p_lang = (plan[c].to_pylist() for c in ("batch", "group_id", "query_lang", "passage_lang"))
     n_batches = max(batch) + 1 if batch else 0
     batch_queries: list[list[str]] = [[] for _ in range(n_batches)]
     batch_passages: list[list[str]] = [[] for _ in range(n_batches)]
     for b, g, ql, pl in zip(batch, group, q_lang, p_lang):
-        if (g, ql) not in questions or (g, pl) not in passages:
-            missing = ql if (g, ql) not in questions else pl
-            raise PipelineError(f"{PLAN_PATH}: group {g} has no pair in language '{missing}' in {PAIRS_PATH}")
-        batch_queries[b].append(query_prefix + questions[(g, ql)])
-        batch_passages[b].append(passage_prefix + passages[(g, pl)])
+        for lang in (ql, pl):
+            if (g, lang) not in texts:
+                raise PipelineError(f"{PLAN_PATH}: group {g} has no pair in language '{lang}' in {PAIRS_PATH}")
+        batch_queries[b].append(query_prefix + texts[(g, ql)][0])
+        batch_passages[b].append(passage_prefix + texts[(g, pl)][1])
     return batch_queries, batch_passages
 
 
@@ -221,11 +218,8 @@ def train(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__, out="models/retriever", metrics="metrics/train.json")
     parser.add_argument("--base", default="models/base")
-    parser.add_argument("--out", default="models/retriever")
-    parser.add_argument("--metrics", default="metrics/train.json")
     parser.add_argument("--live", default="metrics/train_live", help="dvclive directory (loss/lr curves)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
     args = parser.parse_args()

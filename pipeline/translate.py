@@ -8,13 +8,12 @@ says so.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.common import PipelineError, load_params, param, read_parquet, run_stage, write_json, write_parquet
-from pipeline.sources import CANDIDATES_SCHEMA, PAIRS_SCHEMA, QUESTIONS_SCHEMA, SQUAD_SOURCES
+from pipeline.common import PipelineError, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
+from pipeline.sources import CANDIDATES_SCHEMA, PAIRS_PATH, PAIRS_SCHEMA, QUESTIONS_SCHEMA, SQUAD_SOURCES
 
 
 def pairs_from_source(questions: pa.Table, candidates: pa.Table) -> pa.Table:
@@ -31,11 +30,7 @@ def pairs_from_source(questions: pa.Table, candidates: pa.Table) -> pa.Table:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/parallel/pairs.parquet")
-    parser.add_argument("--metrics", default="metrics/translate.json")
-    args = parser.parse_args()
+    args = stage_parser(__doc__, out=str(PAIRS_PATH), metrics="metrics/translate.json").parse_args()
     params = load_params(args.params)
     source = param(params, "data.train")
     model = param(params, "translate.model")

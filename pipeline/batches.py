@@ -216,7 +216,7 @@ def main() -> None:
     seed = param(params, "seed")
     sampler = {key: param(params, f"sampler.{key}") for key in ("ratio", "unit", "batch_size", "steps")}
     check_params(seed=seed, **sampler)
-    groups = groups_from_pairs(read_parquet(PAIRS_PATH, PAIRS_SCHEMA))
+    groups = groups_from_pairs(read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by={"data.train": param(params, "data.train")}))
     plan = plan_batches(groups, seed=seed, **sampler)
     metrics = summarize(plan, len(groups))
     write_parquet(plan, PLAN_PATH, made_by={"seed": seed, "sampler": sampler})

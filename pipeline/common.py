@@ -53,7 +53,10 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML ({err})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise PipelineError(f"{path}: not valid YAML{where} ({problem})") from None
     if not isinstance(params, dict):
         raise PipelineError(f"{path}: expected a mapping of parameter groups")
     return params
@@ -103,8 +106,9 @@ def write_parquet(table: pa.Table, path: str | Path, made_by: dict | None = None
         pq.write_table(table.replace_schema_metadata(meta), tmp)
 
 
-def read_parquet(path: str | Path, schema: pa.Schema) -> pa.Table:
-    """Read a stage's Parquet output, checking that it has the columns and types expected."""
+def read_parquet(path: str | Path, schema: pa.Schema, made_by: dict | None = None) -> pa.Table:
+    """Read a stage's Parquet output, checking its columns and types and, given `made_by`,
+    that the params stamped in it by the stage that wrote it are these (not a stale file)."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: file not found (run the stage that makes it first)")
@@ -123,6 +127,14 @@ def read_parquet(path: str | Path, schema: pa.Schema) -> pa.Table:
                 f"{path}: column '{field.name}' has type {table.schema.field(field.name).type}, "
                 f"expected {field.type}"
             )
+    if made_by is not None:
+        stamped = json.loads((table.schema.metadata or {}).get(b"hybridir.params", b"{}"))
+        for key, want in made_by.items():
+            if stamped.get(key) != want:
+                raise PipelineError(
+                    f"{path}: made with {key}={json.dumps(stamped.get(key))}, but params.yaml has "
+                    f"{key}={json.dumps(want)} (stale output: run `dvc repro`)"
+                )
     return table.select(schema.names)
 
 

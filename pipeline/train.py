@@ -7,14 +7,29 @@ separate. AdamW, linear warm-up then linear decay. Batches follow the plan in or
 checkpoints (model, optimizer, scheduler, RNG, plan position) are written atomically
 every `train.checkpoint_every` steps, and `--resume` continues a killed run from the
 last one, ending in the same state as an uninterrupted run.
+
+Scale-out, on torch.distributed: under `torchrun` (or with `train.processes` > 1,
+which launches it) every rank embeds its slice of each planned batch and the passages
+of all ranks are gathered, so each query is still scored against the whole planned
+batch: N processes train on exactly the plan's batches. `train.chunk_size` computes
+the full-batch loss with cached gradients (GradCache, Gao et al. 2021): embed in
+chunks without a graph, take the loss's gradient with respect to the embeddings, then
+re-embed each chunk with its gradient, so a batch of 4096 pairs needs the memory of
+`chunk_size` pairs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int
     seed: int
     freeze_embeddings: bool = True
+    chunk_size: int | None = None  # GradCache chunk (pairs per forward pass); None = whole batch at once
 
 
 def check_config(config: TrainConfig) -> None:
@@ -53,6 +69,8 @@ def check_config(config: TrainConfig) -> None:
         ("model.max_length", config.max_length, config.max_length >= 8, "must be >= 8"),
         ("train.checkpoint_every", config.checkpoint_every, config.checkpoint_every >= 1, "must be >= 1"),
     ]
+    if config.chunk_size is not None and (isinstance(config.chunk_size, bool) or not isinstance(config.chunk_size, int) or config.chunk_size < 1):
+        raise PipelineError(f"params.yaml: train.chunk_size: {config.chunk_size!r} must be null or an integer >= 1")
     if not isinstance(config.freeze_embeddings, bool):
         raise PipelineError(f"params.yaml: train.freeze_embeddings: {config.freeze_embeddings!r} is not true/false")
     for name, value, ok, why in rules:
@@ -60,12 +78,116 @@ def check_config(config: TrainConfig) -> None:
             raise PipelineError(f"params.yaml: {name}: {value!r} {why if isinstance(value, (int, float)) else 'is not a number'}")
 
 
-def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of each query over all passages of the batch; its own passage is the target."""
+def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
+    """Cross-entropy of each query over all passages of the batch; its own passage is the target.
+
+    `queries` may be one rank's slice of the batch, starting at row `offset` of `passages`.
+    """
     queries = F.normalize(queries, dim=-1)
     passages = F.normalize(passages, dim=-1)
     logits = queries @ passages.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+    return F.cross_entropy(logits, torch.arange(len(queries), device=logits.device) + offset)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+
+    def share(self, batch: list[str]) -> list[str]:
+        """This rank's contiguous slice of a planned batch (its size is checked to divide evenly)."""
+        per_rank = len(batch) // self.size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
+def loss_and_embedding_grads(queries: torch.Tensor, passages: torch.Tensor, temperature: float, world: World):
+    """The planned batch's loss and its gradient w.r.t. this rank's query and passage embeddings.
+
+    Passages of all ranks are gathered; each rank's loss is its queries' mean over the
+    gathered passages, and the passage gradients of all ranks' losses are summed, so
+    after averaging weight gradients over ranks the step equals one process on the
+    whole batch.
+    """
+    import torch.distributed as dist
+
+    queries = queries.detach().requires_grad_()
+    if world.size > 1:
+        gathered = [torch.empty_like(passages) for _ in range(world.size)]
+        dist.all_gather(gathered, passages.detach().contiguous())
+        all_passages = torch.cat(gathered)
+    else:
+        all_passages = passages.detach()
+    all_passages.requires_grad_()
+    offset = world.rank * len(queries)
+    loss = info_nce_loss(queries, all_passages, temperature, offset)
+    loss.backward()
+    passage_grad = all_passages.grad
+    if world.size > 1:
+        dist.all_reduce(passage_grad)
+    return loss.detach(), queries.grad, passage_grad[offset : offset + len(passages)]
+
+
+def contrastive_step(model, queries: list[str], passages: list[str], temperature: float, world: World, chunk_size: int | None, bf16: bool) -> torch.Tensor:
+    """Accumulate the gradient of one planned batch (this rank's share) into the model; returns this rank's loss.
+
+    With `chunk_size`, embeddings are first computed chunk by chunk without a graph and
+    each chunk is then re-embedded, replaying its random state (dropout), with the
+    gradient the whole-batch loss gives it.
+    """
+
+    def forward(texts: list[str]) -> torch.Tensor:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return embed(model, texts).float()
+
+    if chunk_size is None:
+        q, p = forward(queries), forward(passages)
+        loss, q_grad, p_grad = loss_and_embedding_grads(q, p, temperature, world)
+        torch.autograd.backward([q, p], [q_grad, p_grad])
+        return loss
+    chunks = [queries[i : i + chunk_size] for i in range(0, len(queries), chunk_size)]
+    n_query_chunks = len(chunks)
+    chunks += [passages[i : i + chunk_size] for i in range(0, len(passages), chunk_size)]
+    rng_states, embeddings = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            rng_states.append(rng_state())
+            embeddings.append(forward(chunk))
+    after = rng_state()
+    loss, q_grad, p_grad = loss_and_embedding_grads(
+        torch.cat(embeddings[:n_query_chunks]), torch.cat(embeddings[n_query_chunks:]), temperature, world
+    )
+    grads = list(q_grad.split(chunk_size)) + list(p_grad.split(chunk_size))
+    for chunk, state, grad in zip(chunks, rng_states, grads):
+        set_rng_state(state)
+        forward(chunk).backward(grad)
+    set_rng_state(after)
+    return loss
+
+
+def average_gradients(model, world: World) -> None:
+    """Average weight gradients over ranks, in one all-reduce of a flat buffer."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [w.grad for w in model.parameters() if w.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(part.view_as(grad))
+
+
+def rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def plan_texts(plan: pa.Table, pairs: pa.Table, query_prefix: str, passage_prefix: str) -> tuple[list[list[str]], list[list[str]]]:
@@ -135,8 +257,7 @@ def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, fingerpr
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng": rng_state(),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -153,9 +274,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str) -
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    set_rng_state(state["rng"])
     return int(state["step"])
 
 
@@ -169,11 +288,13 @@ def train(
     fingerprint: str = "",
     log=None,
     stop_after: int | None = None,
+    world: World = World(),
 ) -> dict:
     """Fine-tune `model` in place on the planned batches; returns the run's summary figures.
 
     `log(step, metrics)` receives loss, learning rate and throughput after each step;
-    `stop_after` ends the run early (after that many steps), as a crash would.
+    `stop_after` ends the run early (after that many steps), as a crash would. Only
+    rank 0 logs and writes checkpoints; every rank resumes from them.
     """
     torch.manual_seed(config.seed)
     steps = len(batch_queries)
@@ -184,26 +305,32 @@ def train(
     use_bf16 = model.device.type == "cuda"
     model.train()
     loss_value, pairs_done, seconds = float("nan"), 0, 0.0
-    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step")
+    lead = world.rank == 0
+    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", disable=not lead or None)
     for step in progress:
         began = time.perf_counter()
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            queries = embed(model, batch_queries[step])
-            passages = embed(model, batch_passages[step])
-        loss = info_nce_loss(queries.float(), passages.float(), config.temperature)
-        loss.backward()
+        loss = contrastive_step(
+            model, world.share(batch_queries[step]), world.share(batch_passages[step]),
+            config.temperature, world, config.chunk_size, use_bf16,
+        )  # fmt: skip
+        average_gradients(model, world)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if world.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss)
+            loss /= world.size
         loss_value = loss.item()
         elapsed = time.perf_counter() - began
         seconds += elapsed
         pairs_done += len(batch_queries[step])
         metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "pairs_per_s": len(batch_queries[step]) / elapsed}
         progress.set_postfix(loss=f"{loss_value:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
-        if log is not None:
+        if log is not None and lead:
             log(step + 1, metrics)
-        if checkpoint and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
+        if checkpoint and lead and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(checkpoint, step + 1, model, optimizer, scheduler, fingerprint)
         if stop_after is not None and step + 1 - start >= stop_after:
             break
@@ -214,7 +341,62 @@ def train(
         "final_loss": round(loss_value, 6),
         "pairs_per_s": round(pairs_done / seconds, 3) if seconds else None,
         "device": str(model.device),
+        "processes": world.size,
     }
+
+
+def init_world(timeout_s: float) -> World:
+    """Join the torchrun process group, if there is one; fail within `timeout_s` if it cannot form."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    import torch.distributed as dist
+
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        with c_stderr_held_back():  # c10d logs a C++ stack trace for a failed connection
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+            dist.barrier()
+    except Exception as err:  # DistStoreError, RuntimeError, ValueError: all mean no process group
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise PipelineError(
+            f"torch.distributed: no process group of {size} at {where} within {timeout_s:g} s "
+            f"(train.rendezvous_timeout_s): {reason}"
+        ) from None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+@contextlib.contextmanager
+def c_stderr_held_back():
+    """Collect what C++ code writes to file descriptor 2; pass it on only if the block succeeds."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def check_scale_out(processes, timeout_s, world_size: int, batch_size: int, chunk_size: int | None) -> None:
+    """Errors a distributed or cached-gradient run would otherwise meet only after start-up."""
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise PipelineError(f"params.yaml: train.processes: {processes!r} must be an integer >= 1")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise PipelineError(f"params.yaml: train.rendezvous_timeout_s: {timeout_s!r} must be > 0")
+    if batch_size % world_size:
+        raise PipelineError(f"params.yaml: sampler.batch_size: {batch_size} is not divisible by the {world_size} processes")
+    if chunk_size is not None and chunk_size > batch_size // world_size:
+        raise PipelineError(
+            f"params.yaml: train.chunk_size: {chunk_size} is larger than the {batch_size // world_size} "
+            f"pairs each of the {world_size} processes embeds per batch"
+        )
 
 
 def main() -> None:
@@ -235,39 +417,58 @@ def main() -> None:
         checkpoint_every=param(params, "train.checkpoint_every"),
         seed=param(params, "seed"),
         freeze_embeddings=param(params, "train.freeze_embeddings"),
+        chunk_size=param(params, "train.chunk_size"),
     )
     check_config(config)
-    plan = read_parquet(PLAN_PATH, PLAN_SCHEMA)
-    pairs = read_parquet(PAIRS_PATH, PAIRS_SCHEMA)
+    processes, timeout_s = param(params, "train.processes"), param(params, "train.rendezvous_timeout_s")
+    sampler = {key: param(params, f"sampler.{key}") for key in ("ratio", "unit", "batch_size", "steps")}
+    launched = "WORLD_SIZE" in os.environ  # started by torchrun: one of its processes
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else processes
+    check_scale_out(processes, timeout_s, world_size, sampler["batch_size"], config.chunk_size)
+    plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by={"seed": config.seed, "sampler": sampler})
+    pairs = read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by={"data.train": param(params, "data.train")})
     batch_queries, batch_passages = plan_texts(plan, pairs, config.query_prefix, config.passage_prefix)
     if not Path(args.base, "modules.json").exists():
         raise PipelineError(f"{args.base}: not a sentence-transformers model (run `dvc repro base_model`)")
+    if not launched and processes > 1:  # one process per rank, on this machine
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        sys.exit(subprocess.run([*torchrun, "-m", "pipeline.train", *sys.argv[1:]]).returncode)
+    world = init_world(timeout_s)
 
     from dvclive import Live
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(args.base, device="cuda" if torch.cuda.is_available() else "cpu")
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    model = SentenceTransformer(args.base, device=device)
     model.max_seq_length = config.max_length
     fingerprint = run_fingerprint(
         PLAN_PATH.read_bytes(), PAIRS_PATH.read_bytes(), json.dumps(config.__dict__, sort_keys=True).encode(),
         Path(args.base, "model.safetensors").read_bytes() if Path(args.base, "model.safetensors").exists() else b"",
     )
-    with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False, resume=args.resume) as live:
-        def log(step: int, metrics: dict) -> None:
-            live.step = step
-            for name, value in metrics.items():
-                live.log_metric(f"train/{name}", value, plot=True)
-            live.next_step()
+    if world.rank == 0:
+        with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False, resume=args.resume) as live:
+            def log(step: int, metrics: dict) -> None:
+                live.step = step
+                for name, value in metrics.items():
+                    live.log_metric(f"train/{name}", value, plot=True)
+                live.next_step()
 
-        summary = train(model, batch_queries, batch_passages, config, CHECKPOINT_PATH, args.resume, fingerprint, log)
-    with atomic_path(args.out, is_dir=True) as tmp:
-        model.save(str(tmp))
-    write_json(summary, args.metrics)
-    CHECKPOINT_PATH.unlink(missing_ok=True)
-    print(
-        f"wrote {args.out}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-        f"{summary['pairs_per_s']} pairs/s on {summary['device']}"
-    )
+            summary = train(model, batch_queries, batch_passages, config, CHECKPOINT_PATH, args.resume, fingerprint, log, world=world)
+        with atomic_path(args.out, is_dir=True) as tmp:
+            model.save(str(tmp))
+        write_json(summary, args.metrics)
+        CHECKPOINT_PATH.unlink(missing_ok=True)
+        print(
+            f"wrote {args.out}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+            f"{summary['pairs_per_s']} pairs/s on {summary['processes']} x {summary['device']}"
+        )
+    else:
+        train(model, batch_queries, batch_passages, config, CHECKPOINT_PATH, args.resume, fingerprint, world=world)
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

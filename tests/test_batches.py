@@ -342,10 +342,19 @@ def test_bad_pairs(table, message):
 
 
 def write_stage(root: Path, groups: dict[str, list[str]] | None, **sampler) -> None:
-    params = {"seed": 42, "sampler": {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 6, **sampler}}
+    params = {"seed": 42, "data": {"train": "mlqa_r"}, "sampler": {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 6, **sampler}}
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     if groups is not None:
-        write_parquet(pairs_table(groups), root / "data/parallel/pairs.parquet")
+        write_parquet(pairs_table(groups), root / "data/parallel/pairs.parquet", made_by={"data.train": "mlqa_r"})
+
+
+def test_pairs_made_for_another_source_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_stage(tmp_path, full_groups(8, ["de", "en"]))
+    write_parquet(pairs_table(full_groups(8, ["de", "en"])), tmp_path / "data/parallel/pairs.parquet", made_by={"data.train": "xquad_r"})
+    with pytest.raises(PipelineError, match=r'^data/parallel/pairs.parquet: made with data.train="xquad_r", but params.yaml has data.train="mlqa_r" \(stale output'):
+        batches.main()
+    assert not (tmp_path / "data/batches").exists()
 
 
 def test_main_writes_plan_and_metrics(tmp_path, monkeypatch, capsys):

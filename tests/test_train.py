@@ -140,10 +140,12 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(tiny_model_dir, tmp_path):
 def stage_dir(tmp_path: Path, tiny_model_dir: Path, **train_params) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update({"checkpoint_every": 2, **train_params})
+    params["sampler"].update({"batch_size": 4, "steps": 3})  # the plan written below
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs()
-    write_parquet(pairs, tmp_path / "data/parallel/pairs.parquet")
-    write_parquet(make_plan(pairs, steps=3), tmp_path / "data/batches/plan.parquet")
+    write_parquet(pairs, tmp_path / "data/parallel/pairs.parquet", made_by={"data.train": params["data"]["train"]})
+    plan_params = {"seed": params["seed"], "sampler": params["sampler"]}  # as `batches` stamps them
+    write_parquet(make_plan(pairs, steps=3), tmp_path / "data/batches/plan.parquet", made_by=plan_params)
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")
     return tmp_path
 

@@ -1,0 +1,233 @@
+"""The bad-input matrix: every input a stage reads, broken in the ways users break it.
+
+Each case starts from a small valid project (a sliced XQuAD-R mirror, the Parquet
+files between stages, a tiny model), breaks one thing, and runs one stage as its
+command line does (`run_stage(main)`). The stage must exit with code 2 and one line
+on stderr naming the file or param and what is wrong, with no traceback, and must
+leave every file of the project as it was: nothing half-written, nothing replaced.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import base_model, batches, evaluate, fetch, train, translate
+from pipeline.common import run_stage, write_parquet
+from pipeline.sources import LAREQA_SOURCES, XQUAD_R
+from tests.conftest import REPO, mirror_file
+
+STAGES = {"fetch": fetch, "base_model": base_model, "translate": translate, "batches": batches, "train": train, "evaluate": evaluate}
+LANGS = ("de", "en")
+
+
+@dataclass
+class Project:
+    root: Path
+    docs: dict[str, dict]  # the mirror's LAReQA documents, by language
+    pins: dict[str, str]  # the sha256 pins the patched XQUAD_R source reads
+
+    @property
+    def mirror(self) -> Path:
+        return self.root / "mirror" / XQUAD_R.mirror_dir
+
+    def params(self, **dotted) -> None:
+        """Set params.yaml values, e.g. params(**{"sampler.ratio": 1.5})."""
+        path = self.root / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        for key, value in dotted.items():
+            *groups, name = key.split(".")
+            node = params
+            for group in groups:
+                node = node[group]
+            node[name] = value
+        path.write_text(yaml.safe_dump(params))
+
+    def put_mirror(self, lang: str, data: bytes) -> None:
+        """Replace a mirror file by bytes that carry a valid pin (as a broken upstream file would)."""
+        (self.mirror / f"{lang}.json").write_bytes(data)
+        self.pins[lang] = hashlib.sha256(data).hexdigest()
+
+    def edit_doc(self, lang: str, change: Callable[[dict], None]) -> None:
+        doc = copy.deepcopy(self.docs[lang])
+        change(doc)
+        self.put_mirror(lang, json.dumps(doc).encode())
+
+    def rewrite_parquet(self, relative: str, change: Callable[[pa.Table], pa.Table]) -> None:
+        path = self.root / relative
+        table = pq.read_table(path)
+        pq.write_table(change(table).replace_schema_metadata(table.schema.metadata), path)
+
+
+@pytest.fixture(scope="module")
+def valid_project(tmp_path_factory, tiny_model_dir) -> Path:
+    """A project whose every stage input is valid; each case gets a copy."""
+    root = tmp_path_factory.mktemp("valid")
+    docs = {}
+    for lang in LANGS:
+        doc = json.loads(mirror_file(f"{XQUAD_R.mirror_dir}/{lang}.json").read_text(encoding="utf-8"))
+        docs[lang] = {"data": doc["data"][:2]}
+        (root / "mirror" / XQUAD_R.mirror_dir).mkdir(parents=True, exist_ok=True)
+        (root / "mirror" / XQUAD_R.mirror_dir / f"{lang}.json").write_text(json.dumps(docs[lang]), encoding="utf-8")
+    (root / "docs.json").write_text(json.dumps(docs))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(train="xquad_r", eval=["xquad_r"], squad="squad.json")
+    params["evaluate"].update(datasets=["xquad_r"], langs=None)
+    params["sampler"].update(batch_size=4, steps=3)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    tables = [fetch.parse_lareqa(docs[lang], lang, f"{lang}.json") for lang in LANGS]
+    questions, candidates = (pa.concat_tables(t) for t in zip(*tables))
+    write_parquet(questions, root / "data/raw/xquad_r/questions.parquet", made_by={"source": "xquad_r"})
+    write_parquet(candidates, root / "data/raw/xquad_r/candidates.parquet", made_by={"source": "xquad_r"})
+    pairs = translate.pairs_from_source(questions, candidates)
+    write_parquet(pairs, root / "data/parallel/pairs.parquet", made_by={"data.train": "xquad_r", "translate.model": None})
+    sampler = params["sampler"]
+    plan = batches.plan_batches(batches.groups_from_pairs(pairs), seed=params["seed"], **sampler)
+    write_parquet(plan, root / "data/batches/plan.parquet", made_by={"seed": params["seed"], "sampler": sampler})
+    shutil.copytree(tiny_model_dir, root / "models/base")
+    shutil.copytree(tiny_model_dir, root / "models/retriever")
+    (root / "squad.json").write_text(json.dumps(SQUAD_DOC))
+    return root
+
+
+SQUAD_DOC = {
+    "data": [{"paragraphs": [{"context": "Alpha is first. Beta is second.",
+                              "qas": [{"id": "s1", "question": "Which is second?", "answers": [{"text": "Beta", "answer_start": 16}]}]}]}]
+}  # fmt: skip
+
+
+@pytest.fixture
+def project(valid_project, tmp_path, monkeypatch) -> Project:
+    root = tmp_path / "project"
+    shutil.copytree(valid_project, root)
+    docs = json.loads((root / "docs.json").read_text())
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HYBRIDIR_MIRROR", str(root / "mirror"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pins = {lang: hashlib.sha256((root / "mirror" / XQUAD_R.mirror_dir / f"{lang}.json").read_bytes()).hexdigest() for lang in LANGS}
+    monkeypatch.setitem(LAREQA_SOURCES, "xquad_r", dataclasses.replace(XQUAD_R, sha256=pins))
+    return Project(root, docs, pins)
+
+
+def _squad(change: Callable[[dict], None]) -> Callable[[Project], None]:
+    def broken(p: Project) -> None:
+        doc = copy.deepcopy(SQUAD_DOC)
+        change(doc)
+        (p.root / "squad.json").write_text(json.dumps(doc))
+        p.params(**{"data.train": "squad", "data.eval": []})
+
+    return broken
+
+
+def _set(path: list, value) -> Callable[[dict], None]:
+    def change(doc: dict) -> None:
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+
+    return change
+
+
+_DELETE = object()
+PAR = ["data", 0, "paragraphs", 0]
+QA = [*PAR, "qas", 0]
+RAW_Q = "data/raw/xquad_r/questions.parquet"
+
+
+def _second_qa_copies_first(doc):
+    par = doc["data"][0]["paragraphs"][0]
+    par["qas"][1]["id"] = par["qas"][0]["id"]
+
+
+def _no_questions(doc):
+    for article in doc["data"]:
+        for par in article["paragraphs"]:
+            par["qas"] = []
+
+
+# (id, stage, break the project, what the one error line must say after "error: ")
+CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
+    # LAReQA JSON (fetch)
+    ("lareqa file missing", "fetch", lambda p: (p.mirror / "de.json").unlink(), r"\S*/mirror/lareqa/xquad-r/de.json: file not found in the mirror"),
+    ("lareqa empty file", "fetch", lambda p: p.put_mirror("de", b""), r"\S*/de.json: malformed JSON at line 1 column 1"),
+    ("lareqa truncated", "fetch", lambda p: p.put_mirror("de", json.dumps(p.docs["de"]).encode()[:-9]), r"\S*/de.json: malformed JSON at line 1 column \d+"),
+    ("lareqa not utf-8", "fetch", lambda p: p.put_mirror("de", b'{"data": "\xff"}'), r"\S*/de.json: not valid UTF-8 \(byte 0xff at offset 10\)"),
+    ("lareqa wrong type", "fetch", lambda p: p.edit_doc("de", _set([*QA, "answers", 0, "answer_start"], "12")), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.answer_start: expected an integer, got a string"),
+    ("lareqa missing field", "fetch", lambda p: p.edit_doc("de", _set([*PAR, "sentence_breaks"], _DELETE)), r"\S*/de.json: data\[0\]\.paragraphs\[0\]: missing field 'sentence_breaks'"),
+    ("lareqa answer outside passage", "fetch", lambda p: p.edit_doc("de", _set([*QA, "answers", 0, "answer_start"], 10**6)), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.answer_start: 1000000 is outside the context"),
+    ("lareqa breaks overlap", "fetch", lambda p: p.edit_doc("de", _set([*PAR, "sentence_breaks", 1, 0], 0)), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.sentence_breaks\[1\]: .*overlaps the previous break"),
+    ("lareqa breaks past text", "fetch", lambda p: p.edit_doc("de", _set([*PAR, "sentence_breaks", -1, 1], 10**6)), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.sentence_breaks\[\d+\]: .*runs past the context"),
+    ("lareqa duplicate question id", "fetch", lambda p: p.edit_doc("de", _second_qa_copies_first), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.qas\[1\]\.id: duplicate question id"),
+    ("lareqa language without questions", "fetch", lambda p: p.edit_doc("de", _no_questions), r"\S*/de.json: .*no questions"),
+    ("lareqa changed upstream", "fetch", lambda p: (p.mirror / "de.json").write_bytes(b'{"data": []}'), r"\S*/de.json: sha256 \w+ does not match the pinned"),
+    # SQuAD-format JSON (fetch, data.train=squad)
+    ("squad file missing", "fetch", lambda p: (_squad(lambda d: None)(p), (p.root / "squad.json").unlink()), r"params.yaml: data.squad: file not found: squad.json"),
+    ("squad truncated", "fetch", lambda p: (_squad(lambda d: None)(p), (p.root / "squad.json").write_text('{"data": [')), r"squad.json: malformed JSON at line 1 column \d+"),
+    ("squad missing question", "fetch", _squad(_set([*QA, "question"], _DELETE)), r"squad.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing field 'question'"),
+    ("squad answer outside passage", "fetch", _squad(_set([*QA, "answers", 0, "answer_start"], 99)), r"squad.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.answer_start: 99 is outside the context"),
+    # Parquet between stages
+    ("parquet missing", "translate", lambda p: (p.root / RAW_Q).unlink(), rf"{RAW_Q}: file not found \(run the stage that makes it first\)"),
+    ("parquet empty file", "translate", lambda p: (p.root / RAW_Q).write_bytes(b""), rf"{RAW_Q}: not a readable Parquet file"),
+    ("parquet truncated", "translate", lambda p: (p.root / RAW_Q).write_bytes((p.root / RAW_Q).read_bytes()[:-100]), rf"{RAW_Q}: not a readable Parquet file"),
+    ("parquet wrong type", "translate", lambda p: p.rewrite_parquet(RAW_Q, lambda t: t.set_column(3, "answer_candidate", t["answer_candidate"].cast(pa.string()))), rf"{RAW_Q}: column 'answer_candidate' has type string, expected int32"),
+    ("parquet missing column", "translate", lambda p: p.rewrite_parquet(RAW_Q, lambda t: t.drop_columns(["question"])), rf"{RAW_Q}: missing column 'question'"),
+    ("parquet without schema version", "train", lambda p: pq.write_table(pq.read_table(p.root / "data/batches/plan.parquet").replace_schema_metadata(None), p.root / "data/batches/plan.parquet"), r"data/batches/plan.parquet: schema version missing, expected \d+"),
+    ("parquet made by other params", "batches", lambda p: p.params(**{"data.train": "mlqa_r"}), r'data/parallel/pairs.parquet: made with data.train="xquad_r", but params.yaml has data.train="mlqa_r"'),
+    ("pairs without any pair", "batches", lambda p: p.rewrite_parquet("data/parallel/pairs.parquet", lambda t: t.slice(0, 0)), r"data/parallel/pairs.parquet: .*"),
+    # params.yaml values
+    ("params not yaml", "batches", lambda p: (p.root / "params.yaml").write_text("sampler: [\n"), r"params.yaml: not valid YAML"),
+    ("ratio below 0", "batches", lambda p: p.params(**{"sampler.ratio": -0.1}), r"params.yaml: sampler.ratio: -0.1 is outside \[0, 1\]"),
+    ("ratio above 1", "batches", lambda p: p.params(**{"sampler.ratio": 1.5}), r"params.yaml: sampler.ratio: 1.5 is outside \[0, 1\]"),
+    ("batch_size 0", "batches", lambda p: p.params(**{"sampler.batch_size": 0}), r"params.yaml: sampler.batch_size: 0 .*"),
+    ("negative steps", "batches", lambda p: p.params(**{"sampler.steps": -5}), r"params.yaml: sampler.steps: -5 .*"),
+    ("temperature 0", "train", lambda p: p.params(**{"train.temperature": 0}), r"params.yaml: train.temperature: 0 must be > 0"),
+    ("unknown source", "fetch", lambda p: p.params(**{"data.train": "nq"}), r"params.yaml: data.train: unknown source 'nq'"),
+    ("unknown language code (translate)", "translate", lambda p: p.params(**{"translate.model": "models/nllb", "translate.langs": ["en", "xx"]}), r"params.yaml: translate.langs: unknown language code 'xx'"),
+    ("unknown language code (evaluate)", "evaluate", lambda p: p.params(**{"evaluate.langs": ["en", "xx"]}), r".*xx.*"),
+    # model directories and ids
+    ("base model dir missing", "train", lambda p: shutil.rmtree(p.root / "models/base"), r"models/base: not a sentence-transformers model"),
+    ("retriever dir missing", "evaluate", lambda p: shutil.rmtree(p.root / "models/retriever"), r"models/retriever: cannot load a sentence-transformers model"),
+    ("hub id offline", "base_model", lambda p: p.params(**{"model.base": "no-such-org/no-such-model"}), r"params.yaml: model.base: .*no-such-org/no-such-model.*"),
+    ("translation model offline", "translate", lambda p: p.params(**{"translate.model": "no-such-org/no-such-nllb"}), r"params.yaml: translate.model: cannot load 'no-such-org/no-such-nllb'"),
+]  # fmt: skip
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file() and "__pycache__" not in f.parts}
+
+
+@pytest.mark.parametrize(("stage", "breaks", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_fails_with_one_line_and_touches_nothing(project, monkeypatch, capsys, stage, breaks, message):
+    breaks(project)
+    before = _snapshot(project.root)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [stage])
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(STAGES[stage].main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(f"error: {message}.*", lines[0]), lines[0]
+    assert _snapshot(project.root) == before
+
+
+def test_the_matrix_covers_every_stage_and_input_kind():
+    assert {stage for _, stage, _, _ in CASES} == set(STAGES)
+    assert len(CASES) >= 35

@@ -1,0 +1,161 @@
+"""Scale-out of `train`: cached-gradient batches and torch.distributed data parallel (gloo, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline import train
+from tests.test_train import CONFIG, load, make_pairs, make_plan, run_stage, stage_dir
+
+TOL = 1e-5
+
+
+def without_dropout(model):
+    """Dropout masks depend on how texts are split among passes and ranks; the math must not."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def planned_batch(size: int = 8) -> tuple[list[str], list[str]]:
+    pairs = make_pairs()
+    queries, passages = train.plan_texts(make_plan(pairs, steps=1, batch_size=size), pairs, "query: ", "passage: ")
+    return queries[0], passages[0]
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name: w.grad.clone() for name, w in model.named_parameters() if w.grad is not None}
+
+
+def test_cached_gradients_equal_the_whole_batch_and_sentence_transformers(tiny_model_dir):
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    queries, passages = planned_batch(8)
+    results = {}
+    for chunk in (None, 3, 8):  # whole batch; uneven chunks; one chunk
+        model = without_dropout(load(tiny_model_dir))
+        loss = train.contrastive_step(model, queries, passages, 0.05, train.World(), chunk, bf16=False)
+        results[chunk] = loss.item(), gradients(model)
+    reference = without_dropout(load(tiny_model_dir))
+    st_loss = CachedMultipleNegativesRankingLoss(reference, scale=1 / 0.05, mini_batch_size=3)
+    features = [reference.tokenize(queries), reference.tokenize(passages)]
+    value = st_loss(features, None)
+    value.backward()
+    results["sentence-transformers"] = value.item(), gradients(reference)
+
+    plain_loss, plain_grads = results[None]
+    assert len(plain_grads) > 10
+    for name, (loss, grads) in results.items():
+        assert abs(loss - plain_loss) < TOL, name
+        assert grads.keys() == plain_grads.keys(), name
+        for weight, grad in grads.items():
+            assert torch.allclose(grad, plain_grads[weight], atol=TOL), (name, weight)
+
+
+def test_cached_gradients_replay_dropout(tiny_model_dir):
+    """With dropout on, each re-embedded chunk must see the masks of its first pass."""
+    queries, passages = planned_batch(8)
+    cached = load(tiny_model_dir).train()
+    torch.manual_seed(0)
+    loss = train.contrastive_step(cached, queries, passages, 0.05, train.World(), 4, bf16=False)
+    direct = load(tiny_model_dir).train()
+    torch.manual_seed(0)  # the same masks: the same chunks in the same order, with the graph kept
+    parts = [train.embed(direct, c) for c in (queries[:4], queries[4:], passages[:4], passages[4:])]
+    expected = train.info_nce_loss(torch.cat(parts[:2]), torch.cat(parts[2:]), 0.05)
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < TOL
+    want = gradients(direct)
+    for name, grad in gradients(cached).items():
+        assert torch.allclose(grad, want[name], atol=TOL), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
+    """One optimizer step on the same planned batch, as rank `rank` of `world_size` (gloo)."""
+    import torch.distributed as dist
+
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    model = without_dropout(load(Path(model_dir)))
+    queries, passages = planned_batch(8)
+    world = train.World(rank=rank, size=world_size)
+    # AdamW's first step is lr * g / (|g| + eps): for weights whose gradient is ~eps, the
+    # last-bit differences of summing over 2 ranks move the update by up to lr * 0.1, so a
+    # small lr keeps that below the tolerance while every weight still moves.
+    config = replace(CONFIG, warmup_ratio=0.0, lr=1e-5)
+    summary = train.train(model, [queries], [passages], config, world=world)
+    if rank == 0:
+        torch.save({"loss": summary["final_loss"], "state": model.state_dict()}, out)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_take_the_same_step_as_one(tiny_model_dir, tmp_path):
+    results = {}
+    for world_size in (1, 2):
+        out = tmp_path / f"world{world_size}.pt"
+        mp.spawn(_one_step, args=(world_size, _free_port(), str(tiny_model_dir), str(out)), nprocs=world_size)
+        results[world_size] = torch.load(out)
+    one, two = results[1], results[2]
+    assert abs(one["loss"] - two["loss"]) < TOL
+    before = load(tiny_model_dir).state_dict()
+    moved = 0
+    for name, weight in one["state"].items():
+        assert torch.allclose(weight, two["state"][name], atol=TOL), name
+        moved += not torch.equal(weight, before[name])
+    assert moved > 10  # the step really changed the weights
+
+
+def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):
+    cwd = stage_dir(tmp_path, tiny_model_dir, processes=2, chunk_size=1)
+    result = run_stage(cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((cwd / "metrics/train.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    assert len((cwd / "metrics/train_live/plots/metrics/train/loss.tsv").read_text().splitlines()) == 4  # rank 0 only
+    assert load(cwd / "models/retriever").encode(["query: hi"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize(
+    ("train_params", "message"),
+    [
+        ({"processes": 3}, "error: params.yaml: sampler.batch_size: 4 is not divisible by the 3 processes"),
+        ({"chunk_size": 5}, "error: params.yaml: train.chunk_size: 5 is larger than the 4 pairs each of the 1 processes embeds per batch"),
+        ({"chunk_size": 0}, "error: params.yaml: train.chunk_size: 0 must be null or an integer >= 1"),
+        ({"processes": 0}, "error: params.yaml: train.processes: 0 must be an integer >= 1"),
+    ],
+)
+def test_bad_scale_out_params_fail_before_start(tmp_path, tiny_model_dir, train_params, message):
+    cwd = stage_dir(tmp_path, tiny_model_dir, **train_params)
+    result = run_stage(cwd)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message]
+    assert not (cwd / "models/retriever").exists()
+
+
+def test_unreachable_rendezvous_times_out_with_one_line(tmp_path, tiny_model_dir):
+    cwd = stage_dir(tmp_path, tiny_model_dir, rendezvous_timeout_s=3)
+    port = _free_port()  # nobody listens there: rank 0 never comes
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: torch.distributed: no process group of 2 at 127.0.0.1:{port} within 3 s"), result.stderr
+    assert time.monotonic() - began < 60

@@ -112,6 +112,10 @@ def run_ctranslate2(ct2_dir: str, ids: list[list[int]], target: int, new_tokens:
 
 
 def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM; getrusage's ru_maxrss would include the parent's from before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

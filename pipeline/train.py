@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -110,8 +111,6 @@ def loss_and_embedding_grads(queries: torch.Tensor, passages: torch.Tensor, temp
     after averaging weight gradients over ranks the step equals one process on the
     whole batch.
     """
-    import torch.distributed as dist
-
     queries = queries.detach().requires_grad_()
     if world.size > 1:
         gathered = [torch.empty_like(passages) for _ in range(world.size)]
@@ -170,8 +169,6 @@ def average_gradients(model, world: World) -> None:
     """Average weight gradients over ranks, in one all-reduce of a flat buffer."""
     if world.size == 1:
         return
-    import torch.distributed as dist
-
     grads = [w.grad for w in model.parameters() if w.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
@@ -318,8 +315,6 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if world.size > 1:
-            import torch.distributed as dist
-
             dist.all_reduce(loss)
             loss /= world.size
         loss_value = loss.item()
@@ -350,8 +345,6 @@ def init_world(timeout_s: float) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
-    import torch.distributed as dist
-
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
         with c_stderr_held_back():  # c10d logs a C++ stack trace for a failed connection
@@ -465,8 +458,6 @@ def main() -> None:
     else:
         train(model, batch_queries, batch_passages, config, CHECKPOINT_PATH, args.resume, fingerprint, world=world)
     if world.size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
 

@@ -132,7 +132,8 @@ def main() -> None:
             else:
                 eval_runs.append(run_evaluate())
     plain_seconds, plain = min(plain_runs, key=lambda run: run[0])
-    total_seconds, (summary, _, timing) = min(eval_runs, key=lambda run: run[0])
+    total_seconds, best = min(eval_runs, key=lambda run: run[0])
+    summary, timing = best.summary, best.timing
     spread = (f"    runs: plain {', '.join(f'{s:.2f}' for s, _ in plain_runs)} s; "
               f"evaluate {', '.join(f'{s:.2f}' for s, _ in eval_runs)} s (fastest of each shown)")
 

@@ -14,11 +14,18 @@ Protocol (Roy et al. 2020, as used by the hybrid-batch paper):
 Every distinct text is encoded once; one score matrix per block of queries against the
 whole multilingual pool serves all three settings, so scoring is nearly free and memory
 stays flat as pools grow.
+
+Robustness (`evaluate.noise`): a seeded sample of queries per language is perturbed
+(pipeline/noise.py) and scored again in all three settings against the same pool
+embeddings; only the queries a noise changed are re-encoded. MTEB tasks
+(`evaluate.mteb_tasks`) run through `mteb` on the same model (pipeline/mteb_tasks.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +33,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import PipelineError, atomic_path, load_params, param, read_parquet, run_stage, write_json
-from pipeline.metrics import average_precision, rank_distance, ranks_of, recall_at_k
+from pipeline.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
+from pipeline.mteb_tasks import resolve_tasks, run_tasks
+from pipeline.noise import Noise, perturb
 from pipeline.sources import CANDIDATES_SCHEMA, LAREQA_SOURCES, QUESTIONS_SCHEMA
 
 RAW_DIR = Path("data/raw")
@@ -34,6 +43,7 @@ RAW_DIR = Path("data/raw")
 # SCORE_BUDGET // pool size against the whole multilingual pool, so a pool 10x
 # larger gets blocks 10x smaller and peak memory stays flat.
 SCORE_BUDGET = 2**24
+SETTINGS = ("mono_map", "cross_map", "multi_map")  # the headline figure of each setting
 
 
 @dataclass
@@ -52,7 +62,7 @@ class RetrievalTask:
 class TaskScores:
     pair_map: pd.DataFrame  # [L, L] mean AP of X queries against Y's pool (NaN: no queries)
     pair_recall_at_1: pd.DataFrame
-    languages: pd.DataFrame  # per query language: multi_map, multi_recall_at_10, rank_distance
+    languages: pd.DataFrame  # per query language: multi_map, multi_recall_at_10, multi_ndcg_at_10, rank_distance
 
 
 def build_task(questions: pd.DataFrame, candidates: pd.DataFrame, langs: list[str], origin: str) -> RetrievalTask:
@@ -114,7 +124,7 @@ def score_task(task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, block
     ap_sum = np.zeros((n_langs, n_langs))
     r1_sum = np.zeros((n_langs, n_langs))
     count = np.zeros((n_langs, n_langs))
-    multi = {"multi_map": [], "multi_recall_at_10": [], "rank_distance": []}
+    multi = {"multi_map": [], "multi_recall_at_10": [], "multi_ndcg_at_10": [], "rank_distance": []}
     for start in range(0, len(queries), block):
         rows = slice(start, start + block)
         scores = queries[rows] @ pool.T
@@ -123,6 +133,7 @@ def score_task(task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, block
         ranks = ranks_of(scores, answers)
         multi["multi_map"].append(average_precision(ranks))
         multi["multi_recall_at_10"].append(recall_at_k(ranks, 10))
+        multi["multi_ndcg_at_10"].append(ndcg_at_k(ranks, 10))
         multi["rank_distance"].append(rank_distance(ranks))
         for y in range(n_langs):
             lo, hi = task.pool_offsets[y], task.pool_offsets[y + 1]
@@ -152,6 +163,7 @@ def summarize(scores: TaskScores) -> dict:
         "cross_recall_at_1": np.nanmean(pair_r1[~diagonal]) if len(pair_map) > 1 else float("nan"),
         "multi_map": scores.languages["multi_map"].mean(),
         "multi_recall_at_10": scores.languages["multi_recall_at_10"].mean(),
+        "multi_ndcg_at_10": scores.languages["multi_ndcg_at_10"].mean(),
         "rank_distance": scores.languages["rank_distance"].mean(),
     }
     summary = {k: round(float(v), 6) for k, v in summary.items()}
@@ -209,8 +221,17 @@ def prepare_task(name: str, langs: list[str] | None) -> RetrievalTask:
     return build_task(questions, candidates, langs, str(folder))
 
 
-def evaluate_task(model, task: RetrievalTask, prefixes: tuple[str, str], batch_size: int):
-    """Encode and score one dataset; returns (summary dict, TaskScores, timing dict)."""
+@dataclass
+class Evaluation:
+    summary: dict
+    scores: TaskScores
+    timing: dict
+    queries: np.ndarray  # [Q, D] embeddings, reused by the noise report
+    pool: np.ndarray  # [C, D]
+
+
+def evaluate_task(model, task: RetrievalTask, prefixes: tuple[str, str], batch_size: int) -> Evaluation:
+    """Encode (each distinct text once) and score one dataset."""
     query_prefix, passage_prefix = prefixes
     texts = [query_prefix + t for t in task.query_text] + [passage_prefix + t for t in task.candidate_text]
     started = time.perf_counter()
@@ -218,18 +239,85 @@ def evaluate_task(model, task: RetrievalTask, prefixes: tuple[str, str], batch_s
     encoded = time.perf_counter()
     embeddings = unique_embeddings[index]
     n_queries = len(task.query_text)
-    scores = score_task(task, embeddings[:n_queries], embeddings[n_queries:])
+    queries, pool = embeddings[:n_queries], embeddings[n_queries:]
+    scores = score_task(task, queries, pool)
     timing = {
         "texts": len(texts),
         "unique_texts": len(unique_embeddings),
         "encode_seconds": encoded - started,
         "score_seconds": time.perf_counter() - encoded,
     }
-    return summarize(scores), scores, timing
+    return Evaluation(summarize(scores), scores, timing, queries, pool)
 
 
-def write_plots(results: dict[str, TaskScores], plots_dir: Path) -> None:
-    """Per-pair mAP (data + heatmap per dataset) and the per-language table, for `dvc plots`."""
+def sample_queries(task: RetrievalTask, per_lang: int | None, seed: int) -> np.ndarray:
+    """Rows of up to `per_lang` queries of each language (all if None), in task order.
+
+    Each language's sample depends on (seed, language) only, so it is the same for every
+    model, noise and language subset: noisy scores are compared on the same questions.
+    """
+    if per_lang is None:
+        return np.arange(len(task.query_text))
+    picks = []
+    for x, lang in enumerate(task.langs):
+        rng = np.random.default_rng([seed, zlib.crc32(lang.encode())])
+        picks.append(rng.permutation(np.flatnonzero(task.query_lang == x))[:per_lang])
+    return np.sort(np.concatenate(picks))
+
+
+def subset_queries(task: RetrievalTask, rows: np.ndarray) -> RetrievalTask:
+    """The same pool, with only the queries at `rows`."""
+    return dataclasses.replace(
+        task,
+        query_lang=task.query_lang[rows],
+        query_text=[task.query_text[i] for i in rows],
+        answers=task.answers[rows],
+    )
+
+
+def settings_of(scores: TaskScores) -> dict[str, float]:
+    summary = summarize(scores)
+    return {key: summary[key] for key in SETTINGS}
+
+
+def noise_robustness(model, task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, noises: list[Noise],
+                     query_prefix: str, batch_size: int, per_lang: int | None, seed: int) -> dict:
+    """Mo./Cr./Mul. mAP of a query sample, clean and under each noise, with the drop from clean.
+
+    Only queries a noise changed are encoded again; the pool embeddings are reused as they
+    are. A query a noise leaves as it was (no diacritics in Chinese, no capitals in Hindi,
+    no letter drawn for a typo) keeps its clean embedding and is counted as unchanged.
+    """
+    rows = sample_queries(task, per_lang, seed)
+    sample = subset_queries(task, rows)
+    clean_queries = queries[rows]
+    clean = settings_of(score_task(sample, clean_queries, pool))
+    report: dict = {"queries": len(rows), "clean": clean}
+    langs = np.asarray(task.langs)[sample.query_lang]
+    for noise in noises:
+        noisy_text = [perturb(text, noise, seed) for text in sample.query_text]
+        changed = np.array([a != b for a, b in zip(noisy_text, sample.query_text)], dtype=bool)
+        noisy_queries = clean_queries.copy()
+        if changed.any():
+            print(f"  {noise.name}: encoding the {changed.sum()} changed of {len(rows)} queries")
+            embedded, index = encode_unique(
+                model, [query_prefix + text for text, c in zip(noisy_text, changed) if c], batch_size
+            )
+            noisy_queries[changed] = embedded[index]
+        noisy = settings_of(score_task(sample, noisy_queries, pool))
+        unchanged = pd.Series(langs[~changed]).value_counts().reindex(task.langs, fill_value=0)
+        report[noise.name] = {
+            **noisy,
+            **{key.replace("_map", "_drop"): round(clean[key] - noisy[key], 6) for key in SETTINGS},
+            "unchanged": int((~changed).sum()),
+            "unchanged_by_lang": {lang: int(n) for lang, n in unchanged.items()},
+        }
+    return report
+
+
+def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], plots_dir: Path) -> None:
+    """Per-pair mAP (data + heatmap per dataset), the per-language table and, with noise,
+    mAP of each setting clean and under each noise (noise.csv), for `dvc plots`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,8 +346,16 @@ def write_plots(results: dict[str, TaskScores], plots_dir: Path) -> None:
             plt.close(fig)
         columns = ["dataset", "query_lang", "passage_lang", "map"]
         pd.concat(pairs)[columns].round(6).to_csv(tmp / "pairs.csv", index=False)
-        lang_columns = ["dataset", "lang", "multi_map", "multi_recall_at_10", "rank_distance"]
+        lang_columns = ["dataset", "lang", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance"]
         pd.concat(languages)[lang_columns].round(6).to_csv(tmp / "languages.csv", index=False)
+        noise_rows = [
+            {"dataset": name, "noise": noise, **{key: figures[key] for key in SETTINGS}}
+            for name, report in noise_reports.items()
+            for noise, figures in report.items()
+            if isinstance(figures, dict)  # skip the "queries" count
+        ]
+        if noise_rows:
+            pd.DataFrame(noise_rows).to_csv(tmp / "noise.csv", index=False)
 
 
 def format_summary(name: str, summary: dict) -> str:
@@ -267,15 +363,54 @@ def format_summary(name: str, summary: dict) -> str:
         f"{name}: Mo. mAP {summary['mono_map']:.4f}  Cr. mAP {summary['cross_map']:.4f}  "
         f"Mul. mAP {summary['multi_map']:.4f}  rank distance {summary['rank_distance']:.1f}\n"
         f"  Mo. R@1 {summary['mono_recall_at_1']:.4f}  Cr. R@1 {summary['cross_recall_at_1']:.4f}  "
-        f"Mul. R@10 {summary['multi_recall_at_10']:.4f}"
+        f"Mul. R@10 {summary['multi_recall_at_10']:.4f}  Mul. nDCG@10 {summary['multi_ndcg_at_10']:.4f}"
     )
-    rows = [f"  {'lang':<5}{'Mo. mAP':>9}{'Mul. mAP':>10}{'Mul. R@10':>11}{'rank dist':>11}"]
+    rows = [f"  {'lang':<5}{'Mo. mAP':>9}{'Mul. mAP':>10}{'Mul. R@10':>11}{'Mul. nDCG@10':>14}{'rank dist':>11}"]
     for lang, row in summary["lang"].items():
         rows.append(
             f"  {lang:<5}{row['mono_map']:>9.4f}{row['multi_map']:>10.4f}"
-            f"{row['multi_recall_at_10']:>11.4f}{row['rank_distance']:>11.1f}"
+            f"{row['multi_recall_at_10']:>11.4f}{row['multi_ndcg_at_10']:>14.4f}{row['rank_distance']:>11.1f}"
         )
     return "\n".join([head, *rows])
+
+
+def format_noise(name: str, report: dict, per_lang: int | None) -> str:
+    sample = f"{per_lang} per language" if per_lang else "all"
+    rows = [
+        f"{name} under noise ({report['queries']} queries, {sample}): mAP, and drop from clean",
+        f"  {'noise':<15}{'Mo.':>8}{'Cr.':>8}{'Mul.':>8}{'Mo. drop':>10}{'Cr. drop':>10}{'Mul. drop':>10}  unchanged",
+    ]
+    for noise, figures in report.items():
+        if noise == "queries":
+            continue
+        line = f"  {noise:<15}" + "".join(f"{figures[key]:>8.4f}" for key in SETTINGS)
+        if noise != "clean":
+            drops = "".join(f"{figures[key.replace('_map', '_drop')]:>10.4f}" for key in SETTINGS)
+            by_lang = ", ".join(f"{lang} {n}" for lang, n in figures["unchanged_by_lang"].items() if n)
+            line += f"{drops}  {figures['unchanged']}" + (f" ({by_lang})" if by_lang else "")
+        rows.append(line)
+    return "\n".join(rows)
+
+
+def noise_params(params: dict) -> tuple[list[Noise], int | None, int]:
+    """evaluate.noise, evaluate.noise_queries and evaluate.noise_seed, checked."""
+    names = param(params, "evaluate.noise") or []
+    if not isinstance(names, list):
+        raise PipelineError(f"params.yaml: evaluate.noise: expected a list of noises, got {names!r}")
+    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    if repeated:
+        raise PipelineError(f"params.yaml: evaluate.noise: repeated: {', '.join(repeated)}")
+    try:
+        noises = [Noise.parse(name) for name in names]
+    except ValueError as err:
+        raise PipelineError(f"params.yaml: evaluate.noise: {err}") from None
+    per_lang = param(params, "evaluate.noise_queries")
+    if per_lang is not None and (isinstance(per_lang, bool) or not isinstance(per_lang, int) or per_lang < 1):
+        raise PipelineError(f"params.yaml: evaluate.noise_queries: expected a positive integer or null, got {per_lang!r}")
+    seed = param(params, "evaluate.noise_seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PipelineError(f"params.yaml: evaluate.noise_seed: expected an integer, got {seed!r}")
+    return noises, per_lang, seed
 
 
 def main() -> None:
@@ -294,19 +429,31 @@ def main() -> None:
     batch_size = param(params, "evaluate.batch_size")
     if not datasets:
         raise PipelineError("params.yaml: evaluate.datasets: empty; name at least one dataset")
-    tasks = {name: prepare_task(name, langs) for name in datasets}  # bad input fails before the model loads
+    noises, noise_per_lang, noise_seed = noise_params(params)
+    mteb_names = param(params, "evaluate.mteb_tasks") or []
+    # bad input fails before the model loads
+    tasks = {name: prepare_task(name, langs) for name in datasets}
+    mteb_tasks = resolve_tasks(mteb_names, param(params, "evaluate.mteb_langs")) if mteb_names else []
     model = load_model(args.model, param(params, "model.max_length"))
-    report, results = {}, {}
+    report, results, noise_reports = {}, {}, {}
     for name, task in tasks.items():
-        summary, scores, timing = evaluate_task(model, task, prefixes, batch_size)
-        report[name], results[name] = summary, scores
-        print(format_summary(name, summary))
+        result = evaluate_task(model, task, prefixes, batch_size)
+        report[name], results[name] = result.summary, result.scores
+        print(format_summary(name, result.summary))
         print(
-            f"  {timing['unique_texts']} unique of {timing['texts']} texts encoded in "
-            f"{timing['encode_seconds']:.1f} s, scored in {timing['score_seconds']:.1f} s"
+            f"  {result.timing['unique_texts']} unique of {result.timing['texts']} texts encoded in "
+            f"{result.timing['encode_seconds']:.1f} s, scored in {result.timing['score_seconds']:.1f} s"
         )
+        if noises:
+            noise_reports[name] = noise_robustness(
+                model, task, result.queries, result.pool, noises, prefixes[0], batch_size, noise_per_lang, noise_seed
+            )
+            report[name]["noise"] = noise_reports[name]
+            print(format_noise(name, noise_reports[name], noise_per_lang))
+    if mteb_tasks:
+        report["mteb"] = run_tasks(model, mteb_tasks, prefixes, batch_size)
     if args.plots:
-        write_plots(results, Path(args.plots))
+        write_plots(results, noise_reports, Path(args.plots))
     write_json(report, args.out)
 
 

@@ -1,4 +1,4 @@
-"""Retrieval metrics for the LAReQA protocol: mAP, Recall@k and rank distance.
+"""Retrieval metrics for the LAReQA protocol: mAP, Recall@k, nDCG@k and rank distance.
 
 Everything works on a `ranks` array [Q, R]: row q holds the 1-based ranks of
 query q's relevant candidates, padded with 0 (rows may have 1..R relevant).
@@ -80,6 +80,18 @@ def recall_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
     ranks = np.asarray(ranks)
     n = _n_relevant(ranks)
     return ((ranks > 0) & (ranks <= k)).sum(axis=1) / n
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
+    """nDCG@k per query with binary relevance: Σ_{r_i <= k} 1/log2(r_i + 1) over the
+    best possible, Σ_{i <= min(R, k)} 1/log2(i + 1) (MTEB's main retrieval score)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ranks = np.asarray(ranks)
+    n = _n_relevant(ranks)
+    gains = np.where((ranks > 0) & (ranks <= k), 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(1, k + 1) + 1.0))[np.minimum(n, k) - 1]
+    return gains.sum(axis=1) / ideal
 
 
 def rank_distance(ranks: np.ndarray) -> np.ndarray:

@@ -200,6 +200,10 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("unknown source", "fetch", lambda p: p.params(**{"data.train": "nq"}), r"params.yaml: data.train: unknown source 'nq'"),
     ("unknown language code (translate)", "translate", lambda p: p.params(**{"translate.model": "models/nllb", "translate.langs": ["en", "xx"]}), r"params.yaml: translate.langs: unknown language code 'xx'"),
     ("unknown language code (evaluate)", "evaluate", lambda p: p.params(**{"evaluate.langs": ["en", "xx"]}), r".*xx.*"),
+    ("unknown noise", "evaluate", lambda p: p.params(**{"evaluate.noise": ["typo_0.05", "blur"]}), r"params.yaml: evaluate.noise: unknown noise 'blur'"),
+    ("typo rate above 1", "evaluate", lambda p: p.params(**{"evaluate.noise": ["typo_1.5"]}), r"params.yaml: evaluate.noise: 'typo_1.5': a typo rate must be a number in \(0, 1\]"),
+    ("noise_queries 0", "evaluate", lambda p: p.params(**{"evaluate.noise_queries": 0}), r"params.yaml: evaluate.noise_queries: expected a positive integer or null, got 0"),
+    ("unknown MTEB task", "evaluate", lambda p: p.params(**{"evaluate.mteb_tasks": ["NoSuchRetrieval"]}), r"params.yaml: evaluate.mteb_tasks: unknown MTEB task 'NoSuchRetrieval'"),
     # model directories and ids
     ("base model dir missing", "train", lambda p: shutil.rmtree(p.root / "models/base"), r"models/base: not a sentence-transformers model"),
     ("retriever dir missing", "evaluate", lambda p: shutil.rmtree(p.root / "models/retriever"), r"models/retriever: cannot load a sentence-transformers model"),
@@ -230,4 +234,4 @@ def test_bad_input_fails_with_one_line_and_touches_nothing(project, monkeypatch,
 
 def test_the_matrix_covers_every_stage_and_input_kind():
     assert {stage for _, stage, _, _ in CASES} == set(STAGES)
-    assert len(CASES) >= 35
+    assert len(CASES) >= 40

@@ -48,6 +48,12 @@ PAIR_R1 = [[1 / 3, 1.0], [0.0, 0.5]]
 LANG_MULTI_MAP = [(1 + 5 / 12 + 1 / 2) / 3, (1 / 3 + 5 / 6) / 2]
 LANG_R10 = [1.0, (0.5 + 1) / 2]
 LANG_DIST = [(1 + 1 + 0) / 3, (10 + 2) / 2]
+# nDCG@10 of the multi ranks: gain 1/log2(rank + 1) for ranks <= 10, over the ideal list of R items
+IDEAL_2 = 1 + 1 / np.log2(3)
+LANG_NDCG = [
+    (1 + (1 / np.log2(4) + 1 / np.log2(5)) / IDEAL_2 + 1 / np.log2(3)) / 3,  # ranks (1, 2), (3, 4), (2)
+    ((1 / np.log2(3)) / IDEAL_2 + (1 / np.log2(4) + 1) / IDEAL_2) / 2,  # ranks (12, 2): 12 is cut; (3, 1)
+]
 
 
 def synthetic_task() -> tuple[RetrievalTask, np.ndarray, np.ndarray]:
@@ -75,6 +81,7 @@ def test_score_task_matches_hand_worked_ranks():
     np.testing.assert_allclose(scores.languages["multi_map"], LANG_MULTI_MAP, atol=1e-6)
     np.testing.assert_allclose(scores.languages["multi_recall_at_10"], LANG_R10, atol=1e-6)
     np.testing.assert_allclose(scores.languages["rank_distance"], LANG_DIST, atol=1e-6)
+    np.testing.assert_allclose(scores.languages["multi_ndcg_at_10"], LANG_NDCG, atol=1e-6)
 
 
 def test_summarize_macro_averages_pairs_and_query_languages():
@@ -86,6 +93,7 @@ def test_summarize_macro_averages_pairs_and_query_languages():
         "cross_recall_at_1": (1 + 0) / 2,
         "multi_map": sum(LANG_MULTI_MAP) / 2,  # over languages, not over the 5 queries
         "multi_recall_at_10": sum(LANG_R10) / 2,
+        "multi_ndcg_at_10": sum(LANG_NDCG) / 2,
         "rank_distance": sum(LANG_DIST) / 2,  # 3.33; the mean over queries would be 2.8
     }
     assert summary.keys() == {*expected, "lang"}
@@ -93,7 +101,8 @@ def test_summarize_macro_averages_pairs_and_query_languages():
         assert summary[key] == pytest.approx(value, abs=1e-6), key
     assert list(summary["lang"]) == ["en", "de"]
     assert summary["lang"]["de"] == pytest.approx(
-        {"mono_map": 0.75, "multi_map": 7 / 12, "multi_recall_at_10": 0.75, "rank_distance": 6.0}, abs=1e-6
+        {"mono_map": 0.75, "multi_map": 7 / 12, "multi_recall_at_10": 0.75, "multi_ndcg_at_10": LANG_NDCG[1],
+         "rank_distance": 6.0}, abs=1e-6
     )
     assert summary["lang"]["en"]["mono_map"] == pytest.approx(11 / 18, abs=1e-6)
     json.dumps(summary, allow_nan=False)  # plain floats, JSON-ready
@@ -322,7 +331,7 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
         assert 0 <= summary[key] <= 1, key
     assert summary["rank_distance"] >= 0
     assert set(summary["lang"]) == {"en", "de"}  # write_json sorts keys
-    assert set(summary["lang"]["en"]) == {"mono_map", "multi_map", "multi_recall_at_10", "rank_distance"}
+    assert set(summary["lang"]["en"]) == {"mono_map", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance"}
     assert "xquad_r: Mo. mAP" in out.stdout
 
     pairs = pd.read_csv(workdir / "plots" / "pairs.csv")
@@ -333,6 +342,23 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     languages = pd.read_csv(workdir / "plots" / "languages.csv")
     assert languages["lang"].tolist() == ["en", "de"]
     assert (workdir / "plots" / "heatmaps" / "xquad_r.png").stat().st_size > 0
+
+    # the noise report (params.yaml's default noises; fewer than noise_queries questions: all of them)
+    noise = summary["noise"]
+    assert noise["queries"] == len(pd.read_parquet(workdir / "data/raw/xquad_r/questions.parquet").query("lang in ['en', 'de']"))
+    assert set(noise) == {"queries", "clean", "typo_0.05", "typo_0.15", "no_diacritics", "lowercase"}
+    for name in ("typo_0.05", "typo_0.15", "no_diacritics", "lowercase"):
+        figures = noise[name]
+        for key in ("mono", "cross", "multi"):
+            assert figures[f"{key}_drop"] == pytest.approx(noise["clean"][f"{key}_map"] - figures[f"{key}_map"], abs=2e-6)
+        assert figures["unchanged"] == sum(figures["unchanged_by_lang"].values())
+    assert noise["lowercase"]["unchanged"] == 0  # every en and de question starts with a capital
+    for key in ("mono_map", "cross_map", "multi_map"):  # every question is in the sample: clean = the headline
+        assert noise["clean"][key] == pytest.approx(summary[key], abs=1e-6)
+    curve = pd.read_csv(workdir / "plots" / "noise.csv")
+    assert curve["noise"].tolist() == ["clean", "typo_0.05", "typo_0.15", "no_diacritics", "lowercase"]
+    assert list(curve.columns) == ["dataset", "noise", "mono_map", "cross_map", "multi_map"]
+    assert "xquad_r under noise" in out.stdout
     assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]  # no leftovers of atomic writes
 
 

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from pipeline.metrics import (
     average_precision,
     mean_average_precision,
+    ndcg_at_k,
     rank_distance,
     ranks_of,
     recall_at_k,
@@ -124,7 +125,17 @@ def test_ranks_of_rejects_float_indices():
         ranks_of(np.zeros((1, 2)), np.array([[0.0]]))
 
 
+def test_ndcg_hand_worked():
+    ranks = _ranks([[0.9, 0.5, 0.7, 0.1], [0.9, 0.5, 0.7, 0.1]], [[0, 1], [2, -1]])  # ranks [1, 3] and [2]
+    ideal_two = 1 + 1 / np.log2(3)
+    np.testing.assert_allclose(ndcg_at_k(ranks, 10), [(1 + 1 / np.log2(4)) / ideal_two, 1 / np.log2(3)])
+    np.testing.assert_allclose(ndcg_at_k(ranks, 2), [1 / ideal_two, 1 / np.log2(3)])  # rank 3 is cut off
+    np.testing.assert_allclose(ndcg_at_k(ranks, 1), [1.0, 0.0])  # the ideal list at k=1 holds one item
+
+
 def test_recall_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be"):
+        ndcg_at_k(np.array([[1]]), 0)
     with pytest.raises(ValueError, match="k must be"):
         recall_at_k(np.array([[1]]), 0)
 
@@ -221,3 +232,19 @@ def test_ap_is_one_iff_all_relevant_on_top(problem):
         on_top = not others or min(scores[q, list(rel)]) > max(scores[q, others])
         assert (ap[q] == pytest.approx(1.0)) == on_top
         assert 0.0 < ap[q] <= 1.0 + 1e-12
+
+
+def _brute_ndcg_sorted(scores_row, relevant_set, k):
+    """Textbook nDCG@k: walk the top k of the sorted list, discount each hit by log2(position + 1)."""
+    order = np.argsort(-scores_row, kind="stable")[:k]
+    dcg = sum(1 / np.log2(pos + 1) for pos, c in enumerate(order, start=1) if c in relevant_set)
+    return dcg / sum(1 / np.log2(pos + 1) for pos in range(1, min(len(relevant_set), k) + 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_problems(unique=True), st.sampled_from([1, 3, 10]))
+def test_ndcg_matches_sorted_brute_force_without_ties(problem, k):
+    scores, idx = problem
+    ndcg = ndcg_at_k(ranks_of(scores, idx), k)
+    expected = [_brute_ndcg_sorted(s, rel, k) for s, rel in zip(scores, _rel_sets(idx))]
+    np.testing.assert_allclose(ndcg, expected)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.common import PipelineError, atomic_path, load_params, param, run_stage, stage_parser, write_json
+from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, run_stage, stage_parser, write_json
 
 QK = 32  # weights per Q4_0 block
 Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
@@ -261,7 +261,7 @@ def save_hub_model(model_id: str, out_dir: Path, query_prefix: str, passage_pref
     except OSError as err:
         raise PipelineError(
             f"params.yaml: model.base: cannot load '{model_id}' from the Hugging Face hub "
-            f"(offline, or no such model?): {str(err).splitlines()[0]}"
+            f"(offline, or no such model?): {first_line(err)}"
         ) from None
     model.prompts = prompts(query_prefix, passage_prefix)
     model.save(str(out_dir))

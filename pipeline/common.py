@@ -36,6 +36,11 @@ def run_stage(main: Callable[[], Any]) -> None:
         sys.exit(2)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (or its type): a stage's error is one line."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def stage_parser(doc: str, out: str, metrics: str) -> argparse.ArgumentParser:
     """A stage's command line: --params, and its --out / --metrics paths (defaults = dvc.yaml's)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

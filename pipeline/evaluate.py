@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, atomic_path, load_params, param, read_parquet, run_stage, write_json
+from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, read_parquet, run_stage, write_json
 from pipeline.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
 from pipeline.mteb_tasks import resolve_tasks, run_tasks
 from pipeline.noise import Noise, perturb
@@ -183,8 +183,7 @@ def load_model(name: str, max_length: int):
     try:
         model = SentenceTransformer(name, device=None)
     except Exception as err:  # a bad directory fails in many library-specific ways
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PipelineError(f"{name}: cannot load a sentence-transformers model ({first})") from None
+        raise PipelineError(f"{name}: cannot load a sentence-transformers model ({first_line(err)})") from None
     model.max_seq_length = max_length
     return model
 
@@ -352,7 +351,7 @@ def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], 
             {"dataset": name, "noise": noise, **{key: figures[key] for key in SETTINGS}}
             for name, report in noise_reports.items()
             for noise, figures in report.items()
-            if isinstance(figures, dict)  # skip the "queries" count
+            if noise != "queries"
         ]
         if noise_rows:
             pd.DataFrame(noise_rows).to_csv(tmp / "noise.csv", index=False)

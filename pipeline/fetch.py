@@ -23,7 +23,7 @@ import pyarrow as pa
 import requests
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_path, load_params, param, run_stage, write_parquet
+from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, run_stage, write_parquet
 from pipeline.sources import CANDIDATES_SCHEMA, LAREQA_SOURCES, QUESTIONS_SCHEMA, SQUAD_SOURCES, LareqaSource
 
 RAW_DIR = Path("data/raw")
@@ -287,9 +287,8 @@ def fetch_squad(spec: str, split: str) -> Tables:
     try:
         rows = datasets.load_dataset(spec, split=split).to_list()
     except Exception as err:  # datasets raises many unrelated types for "not reachable / not found"
-        reason = (str(err).strip().splitlines() or [""])[0]
         raise PipelineError(
-            f"params.yaml: data.squad: cannot load dataset '{spec}' (offline? {type(err).__name__}: {reason})"
+            f"params.yaml: data.squad: cannot load dataset '{spec}' (offline? {type(err).__name__}: {first_line(err)})"
         ) from None
     return parse_squad(squad_rows_to_doc(rows), f"dataset '{spec}' split '{split}' (row i = data[0].paragraphs[i])")
 

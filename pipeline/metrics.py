@@ -73,10 +73,14 @@ def mean_average_precision(ranks: np.ndarray) -> float:
     return float(average_precision(ranks).mean())
 
 
-def recall_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
-    """Recall@k per query: |relevant ∩ top-k| / R (the hit rate when R = 1)."""
+def _check_k(k: int) -> None:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+
+
+def recall_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Recall@k per query: |relevant ∩ top-k| / R (the hit rate when R = 1)."""
+    _check_k(k)
     ranks = np.asarray(ranks)
     n = _n_relevant(ranks)
     return ((ranks > 0) & (ranks <= k)).sum(axis=1) / n
@@ -85,8 +89,7 @@ def recall_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
 def ndcg_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
     """nDCG@k per query with binary relevance: Σ_{r_i <= k} 1/log2(r_i + 1) over the
     best possible, Σ_{i <= min(R, k)} 1/log2(i + 1) (MTEB's main retrieval score)."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    _check_k(k)
     ranks = np.asarray(ranks)
     n = _n_relevant(ranks)
     gains = np.where((ranks > 0) & (ranks <= k), 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)

@@ -7,13 +7,9 @@ cached score of an older checkpoint under the same path would be silently reused
 """
 from __future__ import annotations
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, first_line
 
 SCORES = ("ndcg_at_10", "recall_at_100")  # the main score of MTEB retrieval, and how much a reranker could recover
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def resolve_tasks(names: list[str], langs: list[str] | None) -> list:
@@ -27,7 +23,7 @@ def resolve_tasks(names: list[str], langs: list[str] | None) -> list:
         except KeyError:
             raise PipelineError(f"params.yaml: evaluate.mteb_tasks: unknown MTEB task '{name}'") from None
         except ValueError as err:  # an unknown language code, or no subset in these languages
-            raise PipelineError(f"params.yaml: evaluate.mteb_langs: {name}: {_first_line(err)}") from None
+            raise PipelineError(f"params.yaml: evaluate.mteb_langs: {name}: {first_line(err)}") from None
         tasks.append(task)
     for task in tasks:
         check_retrieval(task)
@@ -47,7 +43,7 @@ def load_task_data(task) -> None:
     try:
         task.load_data()
     except Exception as err:  # the hub, the datasets library and the network fail in many ways
-        raise PipelineError(f"MTEB task {task.metadata.name}: cannot load its data ({_first_line(err)})") from None
+        raise PipelineError(f"MTEB task {task.metadata.name}: cannot load its data ({first_line(err)})") from None
 
 
 def run_tasks(model, tasks: list, prefixes: tuple[str, str], batch_size: int) -> dict:

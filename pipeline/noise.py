@@ -98,6 +98,7 @@ def strip_diacritics(text: str) -> str:
             base_script = unicodedata.name(ch, "").split(" ")[0]
         out.append(ch)
     stripped = unicodedata.normalize("NFC", "".join(out))
+    # nothing stripped: the text as it came (not NFC-normalized), so it counts as unchanged
     return stripped if stripped != unicodedata.normalize("NFC", text) else text
 
 

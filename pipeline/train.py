@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.batches import PLAN_PATH, PLAN_SCHEMA
-from pipeline.common import PipelineError, atomic_path, load_params, param, read_parquet, run_stage, stage_parser, write_json
+from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, read_parquet, run_stage, stage_parser, write_json
 from pipeline.sources import PAIRS_PATH, PAIRS_SCHEMA
 
 CHECKPOINT_PATH = Path("models/checkpoints/train.pt")
@@ -351,10 +351,9 @@ def init_world(timeout_s: float) -> World:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
             dist.barrier()
     except Exception as err:  # DistStoreError, RuntimeError, ValueError: all mean no process group
-        reason = (str(err).strip().splitlines() or [""])[0]
         raise PipelineError(
             f"torch.distributed: no process group of {size} at {where} within {timeout_s:g} s "
-            f"(train.rendezvous_timeout_s): {reason}"
+            f"(train.rendezvous_timeout_s): {first_line(err)}"
         ) from None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_path, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
+from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
 from pipeline.sources import CANDIDATES_SCHEMA, PAIRS_PATH, PAIRS_SCHEMA, QUESTIONS_SCHEMA, SQUAD_SOURCES
 
 QUESTIONS_PATH = PAIRS_PATH.parent / "questions.parquet"
@@ -248,10 +248,9 @@ def converted_model(model: str, compute_type: str) -> Path:
             converter.convert(str(tmp), quantization=compute_type, force=True)
             tokenizer.save_pretrained(tmp)
     except OSError as err:  # what transformers raises for an unreachable hub or an unknown id
-        reason = (str(err).strip().splitlines() or [""])[0]
         raise PipelineError(
             f"params.yaml: translate.model: cannot load '{model}' (not a local model directory, "
-            f"and the hub is unreachable or has no such id: {reason})"
+            f"and the hub is unreachable or has no such id: {first_line(err)})"
         ) from None
     return target
 

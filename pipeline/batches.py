@@ -22,22 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.common import PipelineError, load_params, param, read_parquet, run_stage, write_json, write_parquet
-from pipeline.sources import PAIRS_PATH, PAIRS_SCHEMA
+from pipeline.common import PipelineError, atomic_outputs, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
+from pipeline.contracts import PAIRS_PATH, PAIRS_SCHEMA, PLAN_PATH, PLAN_SCHEMA, SAMPLER_PARAMS, pairs_stamp, plan_stamp
 
-PLAN_PATH = Path("data/batches/plan.parquet")
-METRICS_PATH = Path("metrics/batches.json")
 UNITS = ("batch", "pair")
-
-PLAN_SCHEMA = pa.schema(
-    [
-        pa.field("batch", pa.int32(), nullable=False),
-        pa.field("group_id", pa.string(), nullable=False),
-        pa.field("query_lang", pa.string(), nullable=False),
-        pa.field("passage_lang", pa.string(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
-    ]
-)
 
 
 def _count(value: Any, name: str, minimum: int) -> int:
@@ -192,7 +180,7 @@ def plan_batches(
     )
 
 
-def summarize(plan: pa.Table, n_groups: int) -> dict[str, float | int]:
+def plan_summary(plan: pa.Table, n_groups: int) -> dict[str, float | int]:
     """Flat metrics for `dvc metrics diff`: batch kinds, mono share, pairs per language pair, epochs."""
     steps = pc.max(plan["batch"]).as_py() + 1
     mono = pc.equal(plan["kind"], "mono").to_numpy().reshape(steps, -1)
@@ -212,20 +200,23 @@ def summarize(plan: pa.Table, n_groups: int) -> dict[str, float | int]:
 
 
 def main() -> None:
-    params = load_params()
+    args = stage_parser(__doc__, out=str(PLAN_PATH), metrics="metrics/batches.json").parse_args()
+    params = load_params(args.params)
     seed = param(params, "seed")
-    sampler = {key: param(params, f"sampler.{key}") for key in ("ratio", "unit", "batch_size", "steps")}
+    sampler = {key: param(params, f"sampler.{key}") for key in SAMPLER_PARAMS}
     check_params(seed=seed, **sampler)
-    groups = groups_from_pairs(read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by={"data.train": param(params, "data.train")}))
-    plan = plan_batches(groups, seed=seed, **sampler)
-    metrics = summarize(plan, len(groups))
-    write_parquet(plan, PLAN_PATH, made_by={"seed": seed, "sampler": sampler})
-    write_json(metrics, METRICS_PATH)
+    with atomic_outputs(args.out, args.metrics) as (plan_path, metrics_path):
+        pairs = read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by=pairs_stamp(param(params, "data.train")))
+        groups = groups_from_pairs(pairs)
+        plan = plan_batches(groups, seed=seed, **sampler)
+        metrics = plan_summary(plan, len(groups))
+        write_parquet(plan, plan_path, made_by=plan_stamp(seed, sampler))
+        write_json(metrics, metrics_path)
     print(
         f"batches: {sampler['steps']} x {sampler['batch_size']} pairs ({sampler['unit']} unit, "
         f"{metrics['batches.mono']} mono / {metrics['batches.cross']} cross / {metrics['batches.mixed']} mixed "
         f"batches, mono share {metrics['mono_share']}) from {len(groups)} groups, "
-        f"{metrics['epochs']} epochs -> {PLAN_PATH}"
+        f"{metrics['epochs']} epochs -> {args.out}"
     )
 
 

@@ -28,12 +28,25 @@ class PipelineError(Exception):
 
 
 def run_stage(main: Callable[[], Any]) -> None:
-    """Run a stage's `main`, turning a PipelineError into one stderr line and exit code 2."""
+    """Run a stage's `main`: a PipelineError becomes one stderr line and exit code 2, Ctrl-C
+    one line and exit code 130; outputs are only ever replaced whole, so neither leaves a
+    partial one."""
     try:
         main()
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{_restore_hint()}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: no output of this stage was replaced{_restore_hint()}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _restore_hint() -> str:
+    """Under `dvc repro`, DVC deletes a stage's cached outputs before running it: say how to get them back."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return ""
+    return f" (dvc removed the stage's previous outputs before running it; `dvc checkout {stage}` restores them)"
 
 
 def first_line(err: BaseException) -> str:
@@ -41,12 +54,12 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def stage_parser(doc: str, out: str, metrics: str) -> argparse.ArgumentParser:
-    """A stage's command line: --params, and its --out / --metrics paths (defaults = dvc.yaml's)."""
+def stage_parser(doc: str, **paths: str) -> argparse.ArgumentParser:
+    """A stage's command line: --params, and one option per input or output path (defaults = dvc.yaml's)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default=out)
-    parser.add_argument("--metrics", default=metrics)
+    for name, default in paths.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default)
     return parser
 
 
@@ -77,28 +90,62 @@ def param(params: dict, dotted: str) -> Any:
     return node
 
 
+def _temp_beside(final: Path) -> Path:
+    """A fresh temporary directory beside `final` (removing ones a killed run left); fails early
+    with one line when the location cannot be written."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as err:
+        raise PipelineError(f"{final}: cannot write there ({err.strerror or first_line(err)}: {err.filename or final.parent})") from None
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary directories
+    return tmp
+
+
+def _move_into_place(written: Path, final: Path) -> None:
+    if written.is_dir() and final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(written, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(written, final)
+
+
+@contextlib.contextmanager
+def atomic_outputs(*finals: str | Path) -> Iterator[list[Path]]:
+    """Temporary paths for a stage's outputs (files or directories), moved into place together
+    once the block has written all of them.
+
+    Entering checks every location up front, so a wrong output path fails before any work;
+    a failure or kill part-way leaves every previous output as it was. An output the block
+    did not write (an optional one) is left alone.
+    """
+    finals = [Path(f) for f in finals]
+    temps: list[Path] = []
+    try:
+        for final in finals:
+            temps.append(_temp_beside(final))
+        targets = [tmp / final.name for tmp, final in zip(temps, finals)]
+        yield targets
+        for written, final in zip(targets, finals):
+            if written.exists():
+                _move_into_place(written, final)
+    finally:
+        for tmp in temps:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; move it into place only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary directories
-    target = tmp if is_dir else tmp / final.name
-    try:
+    """One output written atomically (see atomic_outputs); with is_dir the directory is made for the block."""
+    with atomic_outputs(final) as (target,):
+        if is_dir:
+            target.mkdir()
         yield target
-        if is_dir and final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        elif is_dir:
-            os.replace(tmp, final)
-        else:
-            os.replace(target, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_parquet(table: pa.Table, path: str | Path, made_by: dict | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The `fetch` stage: turn the raw QA sources into the Parquet tables of `sources.py`.
+"""The `fetch` stage: turn the raw QA sources into the Parquet tables of `contracts.py`.
 
 Sources fetched = {data.train} ∪ data.eval. LAReQA files come from the offline
 mirror when HYBRIDIR_MIRROR is set, otherwise they are downloaded (and cached in
@@ -23,10 +23,10 @@ import pyarrow as pa
 import requests
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, run_stage, write_parquet
-from pipeline.sources import CANDIDATES_SCHEMA, LAREQA_SOURCES, QUESTIONS_SCHEMA, SQUAD_SOURCES, LareqaSource
+from pipeline.common import PipelineError, atomic_outputs, atomic_path, first_line, load_params, param, run_stage, stage_parser, write_parquet
+from pipeline.contracts import CANDIDATES_SCHEMA, QUESTIONS_SCHEMA, raw_stamp, raw_tables
+from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES, LareqaSource
 
-RAW_DIR = Path("data/raw")
 DOWNLOADS_DIR = Path("data/downloads")
 
 Tables = tuple[pa.Table, pa.Table]  # (questions, candidates)
@@ -320,20 +320,25 @@ def count_table(tables: dict[str, Tables]) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    args = stage_parser(__doc__).parse_args()
+    params = load_params(args.params)
     mirror = os.environ.get("HYBRIDIR_MIRROR")
     tables, made_by = {}, {}
-    for name in sources_to_fetch(params):
-        made_by[name] = {"source": name}
-        if name in SQUAD_SOURCES:
-            spec, split = str(param(params, "data.squad")), str(param(params, "data.squad_split"))
-            made_by[name].update(squad=spec, squad_split=split)
-            tables[name] = fetch_squad(spec, split)
-        else:
-            tables[name] = fetch_lareqa(LAREQA_SOURCES[name], Path(mirror) if mirror else None, DOWNLOADS_DIR)
-    for name, (questions, candidates) in tables.items():
-        write_parquet(questions, RAW_DIR / name / "questions.parquet", made_by=made_by[name])
-        write_parquet(candidates, RAW_DIR / name / "candidates.parquet", made_by=made_by[name])
+    names = sources_to_fetch(params)
+    outputs = [path for name in names for path in raw_tables(name)]
+    with atomic_outputs(*outputs) as targets:
+        for name in names:
+            made_by[name] = raw_stamp(name)
+            if name in SQUAD_SOURCES:
+                spec, split = str(param(params, "data.squad")), str(param(params, "data.squad_split"))
+                made_by[name].update(squad=spec, squad_split=split)
+                tables[name] = fetch_squad(spec, split)
+            else:
+                tables[name] = fetch_lareqa(LAREQA_SOURCES[name], Path(mirror) if mirror else None, DOWNLOADS_DIR)
+        written = iter(targets)
+        for name, (questions, candidates) in tables.items():
+            write_parquet(questions, next(written), made_by=made_by[name])
+            write_parquet(candidates, next(written), made_by=made_by[name])
     print(count_table(tables))
 
 

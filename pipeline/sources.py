@@ -1,37 +1,12 @@
-"""The QA sources the pipeline knows, and the Parquet contract `fetch` writes for them.
+"""The QA sources the pipeline knows: where each is published, pinned by sha256.
 
-Every source becomes two tables under `data/raw/<source>/`:
-- `questions.parquet`: one row per (question id, language); `group_id` is the id
-  shared by a question's translations, `answer_candidate` indexes `candidates`
-  of the same language (the sentence that holds the answer);
-- `candidates.parquet`: every sentence of every paragraph, per language, in
-  document order (`candidate` = 0..n-1 within the language).
+`fetch` downloads (or reads from the mirror) and validates them into the tables of
+`pipeline/contracts.py`; `evaluate` and the params schema check dataset names here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import pyarrow as pa
-
-QUESTIONS_SCHEMA = pa.schema(
-    [
-        pa.field("group_id", pa.string(), nullable=False),
-        pa.field("lang", pa.string(), nullable=False),
-        pa.field("question", pa.string(), nullable=False),
-        pa.field("answer_candidate", pa.int32(), nullable=False),
-    ]
-)
-
-CANDIDATES_SCHEMA = pa.schema(
-    [
-        pa.field("lang", pa.string(), nullable=False),
-        pa.field("candidate", pa.int32(), nullable=False),
-        pa.field("paragraph", pa.int32(), nullable=False),
-        pa.field("sentence_index", pa.int32(), nullable=False),
-        pa.field("sentence", pa.string(), nullable=False),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -91,16 +66,3 @@ MLQA_R = LareqaSource(
 LAREQA_SOURCES = {s.name: s for s in (XQUAD_R, MLQA_R)}
 # English SQuAD-format sources (translated by the `translate` stage); read with `datasets`.
 SQUAD_SOURCES = {"squad"}
-
-# What `translate` writes and `batches`/`train` read (`data/parallel/pairs.parquet`):
-# one row per (group, language) with the question and its answer sentence (the
-# positive passage) in that language. A group is one question id across languages.
-PAIRS_PATH = Path("data/parallel/pairs.parquet")
-PAIRS_SCHEMA = pa.schema(
-    [
-        pa.field("group_id", pa.string(), nullable=False),
-        pa.field("lang", pa.string(), nullable=False),
-        pa.field("question", pa.string(), nullable=False),
-        pa.field("passage", pa.string(), nullable=False),
-    ]
-)

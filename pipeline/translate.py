@@ -33,11 +33,13 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
-from pipeline.sources import CANDIDATES_SCHEMA, PAIRS_PATH, PAIRS_SCHEMA, QUESTIONS_SCHEMA, SQUAD_SOURCES
+from pipeline.common import PipelineError, atomic_outputs, atomic_path, first_line, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
+from pipeline.contracts import (
+    CANDIDATES_SCHEMA, PAIRS_PATH, PAIRS_SCHEMA, PARALLEL_CANDIDATES_PATH, PARALLEL_QUESTIONS_PATH, QUESTIONS_SCHEMA,
+    pairs_stamp, raw_stamp, raw_tables,
+)  # fmt: skip
+from pipeline.sources import SQUAD_SOURCES
 
-QUESTIONS_PATH = PAIRS_PATH.parent / "questions.parquet"
-CANDIDATES_PATH = PAIRS_PATH.parent / "candidates.parquet"
 CACHE_PATH = Path("data/cache/translations.sqlite")
 CONVERTED_DIR = Path("models/nllb-ct2")
 CHUNK_SIZE = 512  # texts per committed cache transaction (and per progress-bar step)
@@ -280,7 +282,7 @@ def machine_translate(params: dict, source: str, questions: pd.DataFrame, candid
     src_q = questions[questions["lang"] == source_lang].reset_index(drop=True)
     src_c = candidates[candidates["lang"] == source_lang].reset_index(drop=True)
     if src_q.empty:
-        raise PipelineError(f"data/raw/{source}/questions.parquet: no '{source_lang}' questions to translate (translate.source_lang)")
+        raise PipelineError(f"{raw_tables(source)[0]}: no '{source_lang}' questions to translate (translate.source_lang)")
     options = DecodeOptions(
         beam_size=int(param(params, "translate.beam_size")),
         max_decoding_length=int(param(params, "translate.max_decoding_length")),
@@ -330,33 +332,35 @@ def main() -> None:
         raise PipelineError(
             f"params.yaml: translate.model: data.train={source} is English only; set an NLLB model to translate it"
         )
-    raw = Path("data/raw") / source
-    questions = read_parquet(raw / "questions.parquet", QUESTIONS_SCHEMA, made_by={"source": source})
-    candidates = read_parquet(raw / "candidates.parquet", CANDIDATES_SCHEMA, made_by={"source": source})
-    if model is None:
-        report = {"model": "none (human translations passed through)"}
-        made_by = {"data.train": source, "translate.model": None}
-    else:
-        q_frame, c_frame, report = machine_translate(params, source, questions.to_pandas(), candidates.to_pandas())
-        human = pairs_from_source(questions, candidates)  # references, where the source has them
-        questions = pa.Table.from_pandas(q_frame, QUESTIONS_SCHEMA, preserve_index=False).replace_schema_metadata(None)
-        candidates = pa.Table.from_pandas(c_frame, CANDIDATES_SCHEMA, preserve_index=False).replace_schema_metadata(None)
-        made_by = {"data.train": source, "translate": param(params, "translate")}
-    pairs = pairs_from_source(questions, candidates)
-    if model is not None and source not in SQUAD_SOURCES:
-        machine = pairs.to_pandas().query("lang != @report['source_lang']")
-        report.update(quality_report(machine, human.to_pandas()))
     out_dir = Path(args.out).parent
-    write_parquet(questions, out_dir / QUESTIONS_PATH.name, made_by=made_by)
-    write_parquet(candidates, out_dir / CANDIDATES_PATH.name, made_by=made_by)
-    write_parquet(pairs, args.out, made_by=made_by)
-    per_lang = dict(zip(*pairs.group_by("lang").aggregate([("group_id", "count")]).to_pydict().values()))
-    report.update(
-        source=source,
-        groups=len(set(pairs["group_id"].to_pylist())),
-        **{f"pairs.{lang}": n for lang, n in sorted(per_lang.items())},
-    )
-    write_json(report, args.metrics)
+    outputs = (out_dir / PARALLEL_QUESTIONS_PATH.name, out_dir / PARALLEL_CANDIDATES_PATH.name, args.out, args.metrics)
+    with atomic_outputs(*outputs) as (questions_out, candidates_out, pairs_out, metrics_out):
+        questions_path, candidates_path = raw_tables(source)
+        questions = read_parquet(questions_path, QUESTIONS_SCHEMA, made_by=raw_stamp(source))
+        candidates = read_parquet(candidates_path, CANDIDATES_SCHEMA, made_by=raw_stamp(source))
+        if model is None:
+            report = {"model": "none (human translations passed through)"}
+            made_by = {**pairs_stamp(source), "translate.model": None}
+        else:
+            q_frame, c_frame, report = machine_translate(params, source, questions.to_pandas(), candidates.to_pandas())
+            human = pairs_from_source(questions, candidates)  # references, where the source has them
+            questions = pa.Table.from_pandas(q_frame, QUESTIONS_SCHEMA, preserve_index=False).replace_schema_metadata(None)
+            candidates = pa.Table.from_pandas(c_frame, CANDIDATES_SCHEMA, preserve_index=False).replace_schema_metadata(None)
+            made_by = {**pairs_stamp(source), "translate": param(params, "translate")}
+        pairs = pairs_from_source(questions, candidates)
+        if model is not None and source not in SQUAD_SOURCES:
+            machine = pairs.to_pandas().query("lang != @report['source_lang']")
+            report.update(quality_report(machine, human.to_pandas()))
+        per_lang = dict(zip(*pairs.group_by("lang").aggregate([("group_id", "count")]).to_pydict().values()))
+        report.update(
+            source=source,
+            groups=len(set(pairs["group_id"].to_pylist())),
+            **{f"pairs.{lang}": n for lang, n in sorted(per_lang.items())},
+        )
+        write_parquet(questions, questions_out, made_by=made_by)
+        write_parquet(candidates, candidates_out, made_by=made_by)
+        write_parquet(pairs, pairs_out, made_by=made_by)
+        write_json(report, metrics_out)
     how = "human translations, no MT" if model is None else f"MT by {model}"
     print(f"wrote {args.out}: {pairs.num_rows} pairs from {source} ({how})")
 

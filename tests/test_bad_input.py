@@ -27,8 +27,7 @@ import yaml
 from pipeline import base_model, batches, evaluate, fetch, train, translate
 from pipeline.common import run_stage, write_parquet
 from pipeline.sources import LAREQA_SOURCES, XQUAD_R
-from tests.conftest import REPO, mirror_file
-from tests.test_fetch import _no_questions
+from tests.helpers import REPO, mirror_file, no_questions
 
 STAGES = {"fetch": fetch, "base_model": base_model, "translate": translate, "batches": batches, "train": train, "evaluate": evaluate}
 LANGS = ("de", "en")
@@ -169,7 +168,7 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("lareqa breaks overlap", "fetch", lambda p: p.edit_doc("de", _set([*PAR, "sentence_breaks", 1, 0], 0)), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.sentence_breaks\[1\]: .*overlaps the previous break"),
     ("lareqa breaks past text", "fetch", lambda p: p.edit_doc("de", _set([*PAR, "sentence_breaks", -1, 1], 10**6)), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.sentence_breaks\[\d+\]: .*runs past the context"),
     ("lareqa duplicate question id", "fetch", lambda p: p.edit_doc("de", _second_qa_copies_first), r"\S*/de.json: data\[0\]\.paragraphs\[0\]\.qas\[1\]\.id: duplicate question id"),
-    ("lareqa language without questions", "fetch", lambda p: p.edit_doc("de", _no_questions), r"\S*/de.json: .*no questions"),
+    ("lareqa language without questions", "fetch", lambda p: p.edit_doc("de", no_questions), r"\S*/de.json: .*no questions"),
     ("lareqa changed upstream", "fetch", lambda p: (p.mirror / "de.json").write_bytes(b'{"data": []}'), r"\S*/de.json: sha256 \w+ does not match the pinned"),
     # SQuAD-format JSON (fetch, data.train=squad)
     ("squad file missing", "fetch", lambda p: (_squad(lambda d: None)(p), (p.root / "squad.json").unlink()), r"params.yaml: data.squad: file not found: squad.json"),

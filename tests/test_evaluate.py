@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import evaluate, fetch
-from pipeline.common import read_parquet, run_stage, write_parquet
-from pipeline.evaluate import RetrievalTask, build_task, encode_unique, score_task, summarize
+from pipeline import evaluate, fetch, lareqa
+from pipeline.common import read_parquet, run_stage
+from pipeline.encoding import encode_unique
+from pipeline.common import PipelineError
+from pipeline.lareqa import RetrievalTask, build_task, headline_figures, score_task, select_langs
 from pipeline.metrics import ranks_of
-from pipeline.sources import QUESTIONS_SCHEMA
-from tests.conftest import REPO, mirror_file
+from pipeline.contracts import QUESTIONS_SCHEMA
+from tests.helpers import mirror_file, write_raw
 
 # --- score_task / summarize on hand-made scores --------------------------------------
 #
@@ -64,6 +65,7 @@ def synthetic_task() -> tuple[RetrievalTask, np.ndarray, np.ndarray]:
     task = RetrievalTask(
         langs=["en", "de"],
         query_lang=np.array([lang for lang, _, _ in QUERIES]),
+        query_id=np.array([f"g{answers[0]}" for _, answers, _ in QUERIES]),  # en answer c answers group gc
         query_text=[f"q{q}" for q in range(len(QUERIES))],
         candidate_text=[f"c{c}" for c in range(POOL)],
         pool_offsets=np.array([0, 12, 14]),
@@ -85,7 +87,7 @@ def test_score_task_matches_hand_worked_ranks():
 
 
 def test_summarize_macro_averages_pairs_and_query_languages():
-    summary = summarize(score_task(*synthetic_task()))
+    summary = headline_figures(score_task(*synthetic_task()))
     expected = {
         "mono_map": (PAIR_MAP[0][0] + PAIR_MAP[1][1]) / 2,
         "cross_map": (PAIR_MAP[0][1] + PAIR_MAP[1][0]) / 2,
@@ -131,8 +133,8 @@ def test_default_block_follows_the_score_budget(budget, block, rows, monkeypatch
             seen.append(scores.shape[0])
         return ranks_of(scores, relevant_idx)
 
-    monkeypatch.setattr(evaluate, "SCORE_BUDGET", budget)
-    monkeypatch.setattr(evaluate, "ranks_of", spy)
+    monkeypatch.setattr(lareqa, "SCORE_BUDGET", budget)
+    monkeypatch.setattr(lareqa, "ranks_of", spy)
     blocked, whole = score_task(task, queries, pool, block=block), score_task(task, queries, pool, block=512)
     assert seen == [*rows, 5]  # then the one block of the block=512 run
     pd.testing.assert_frame_equal(blocked.pair_map, whole.pair_map)
@@ -152,6 +154,7 @@ def test_score_task_on_random_embeddings_agrees_with_a_direct_computation():
     task = RetrievalTask(
         langs=langs,
         query_lang=np.array([x for _, x in rows]),
+        query_id=np.array([f"g{g}" for g, _ in rows]),
         query_text=[f"{g}{x}" for g, x in rows],
         candidate_text=[str(c) for c in range(offsets[-1])],
         pool_offsets=offsets,
@@ -245,23 +248,23 @@ def test_build_task_rejects_an_answer_outside_its_pool(tables):
     questions, candidates = (t.to_pandas() for t in tables)
     n_de = (candidates["lang"] == "de").sum()
     questions.loc[questions.index[questions["lang"] == "de"][3], "answer_candidate"] = n_de
-    with pytest.raises(evaluate.PipelineError, match=r"^x/questions\.parquet: answer_candidate \d+ of question .+ \(de\)"):
+    with pytest.raises(PipelineError, match=r"^x/questions\.parquet: answer_candidate \d+ of question .+ \(de\)"):
         build_task(questions, candidates, ["de", "en"], "x")
 
 
 def test_build_task_rejects_a_language_without_candidates(tables):
     questions, candidates = (t.to_pandas() for t in tables)
-    with pytest.raises(evaluate.PipelineError, match="language 'de' has no candidates"):
+    with pytest.raises(PipelineError, match="language 'de' has no candidates"):
         build_task(questions, candidates[candidates["lang"] != "de"], ["en", "de"], "x")
 
 
 def test_a_repeated_language_code_is_rejected():
     """--langs en,de,en would count en's pool twice (answers past the pool); it is an input error instead."""
-    with pytest.raises(evaluate.PipelineError, match=r"^xquad_r: language code\(s\) repeated: en$"):
-        evaluate.select_langs(["de", "en", "es"], ["en", "de", "en"], "xquad_r")
-    with pytest.raises(evaluate.PipelineError, match=r"^xquad_r: language code\(s\) repeated: de, en$"):
-        evaluate.select_langs(["de", "en", "es"], ["en", "de", "en", "de"], "xquad_r")
-    assert evaluate.select_langs(["de", "en", "es"], ["es", "en"], "xquad_r") == ["es", "en"]  # order kept
+    with pytest.raises(PipelineError, match=r"^xquad_r: language code\(s\) repeated: en$"):
+        select_langs(["de", "en", "es"], ["en", "de", "en"], "xquad_r")
+    with pytest.raises(PipelineError, match=r"^xquad_r: language code\(s\) repeated: de, en$"):
+        select_langs(["de", "en", "es"], ["en", "de", "en", "de"], "xquad_r")
+    assert select_langs(["de", "en", "es"], ["es", "en"], "xquad_r") == ["es", "en"]  # order kept
 
 
 # --- encode_unique ----------------------------------------------------------------------
@@ -297,19 +300,12 @@ def test_encode_unique_encodes_each_distinct_text_once():
 # --- the CLI, end to end with a tiny model ----------------------------------------------
 
 
-def _write_raw(root: Path, questions: pa.Table, candidates: pa.Table) -> None:
-    folder = root / "data" / "raw" / "xquad_r"
-    write_parquet(questions, folder / "questions.parquet", {"source": "xquad_r"})
-    write_parquet(candidates, folder / "candidates.parquet", {"source": "xquad_r"})
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, docs) -> Path:
     """A stage directory with params.yaml and data/raw/xquad_r of 1 article x en, de, es."""
     root = tmp_path_factory.mktemp("evaluate")
     parsed = [fetch.parse_lareqa({"data": doc["data"][:1]}, lang, lang) for lang, doc in docs.items()]
-    _write_raw(root, pa.concat_tables([q for q, _ in parsed]), pa.concat_tables([c for _, c in parsed]))
+    write_raw(root, pa.concat_tables([q for q, _ in parsed]), pa.concat_tables([c for _, c in parsed]))
     return root
 
 
@@ -325,7 +321,7 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
                "--out", "m.json", "--plots", "plots")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((workdir / "m.json").read_text(encoding="utf-8"))
-    assert list(report) == ["xquad_r"]
+    assert list(report) == ["precision", "xquad_r"] and report["precision"] in ("bf16", "fp32")
     summary = report["xquad_r"]
     for key in ("mono_map", "cross_map", "multi_map", "mono_recall_at_1", "cross_recall_at_1", "multi_recall_at_10"):
         assert 0 <= summary[key] <= 1, key
@@ -406,7 +402,7 @@ def out_of_range_dir(tables, tmp_path) -> tuple[Path, int]:
     answers = questions["answer_candidate"].to_pylist()
     answers[pc.equal(questions["lang"], "en").to_pylist().index(True)] = n_en
     questions = questions.set_column(3, "answer_candidate", pa.array(answers, pa.int32()))
-    _write_raw(tmp_path, questions, candidates)
+    write_raw(tmp_path, questions, candidates)
     read_parquet(tmp_path / "data/raw/xquad_r/questions.parquet", QUESTIONS_SCHEMA)  # the file itself is valid
     return tmp_path, n_en
 

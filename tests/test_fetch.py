@@ -20,7 +20,9 @@ import yaml
 
 from pipeline import fetch
 from pipeline.common import PipelineError, read_parquet
-from pipeline.sources import CANDIDATES_SCHEMA, LAREQA_SOURCES, QUESTIONS_SCHEMA, XQUAD_R
+from pipeline.contracts import CANDIDATES_SCHEMA, QUESTIONS_SCHEMA
+from pipeline.sources import LAREQA_SOURCES, XQUAD_R
+from tests.helpers import no_questions
 
 REPO = Path(__file__).parents[1]
 MIRROR = Path(os.environ.get("HYBRIDIR_MIRROR") or Path(__file__).parents[2] / "shared" / "mirror")
@@ -195,12 +197,6 @@ def _two_answers(doc):
     answers.append(dict(answers[0]))
 
 
-def _no_questions(doc):
-    for article in doc["data"]:
-        for par in article["paragraphs"]:
-            par["qas"] = []
-
-
 @pytest.mark.parametrize(
     "corrupt, expected",
     [
@@ -212,7 +208,7 @@ def _no_questions(doc):
         (_past_context, "runs past the context"),
         (_duplicate_id, "data[0].paragraphs[1].qas[1].id: duplicate question id"),
         (_two_answers, "data[0].paragraphs[0].qas[0].answers: expected exactly one answer, got 2"),
-        (_no_questions, "no questions"),
+        (no_questions, "no questions"),
     ],
 )
 def test_invalid_file_fails_naming_file_and_field(stage, slices, corrupt, expected):

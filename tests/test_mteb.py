@@ -12,11 +12,12 @@ import pyarrow as pa
 import pytest
 
 from pipeline import evaluate, fetch
+from pipeline.encoding import load_model
+from pipeline.lareqa import RetrievalTask, build_task
 from pipeline.common import PipelineError
 from pipeline.metrics import ndcg_at_k, ranks_of
 from pipeline.mteb_tasks import resolve_tasks, run_tasks
-from tests.conftest import REPO, mirror_file
-from tests.test_evaluate import _write_raw
+from tests.helpers import REPO, mirror_file, write_raw
 
 mteb = pytest.importorskip("mteb")
 from datasets import Dataset  # noqa: E402
@@ -39,9 +40,9 @@ def lareqa_tables() -> tuple[pa.Table, pa.Table]:
 
 
 @pytest.fixture(scope="module")
-def lareqa_task(lareqa_tables) -> evaluate.RetrievalTask:
+def lareqa_task(lareqa_tables) -> RetrievalTask:
     questions, candidates = (table.to_pandas() for table in lareqa_tables)
-    task = evaluate.build_task(questions, candidates, list(LANGS), "slice")
+    task = build_task(questions, candidates, list(LANGS), "slice")
     assert len(set(task.candidate_text)) == len(task.candidate_text)  # no tied twins in the pool
     return task
 
@@ -71,7 +72,7 @@ class LocalXQuADRMultilingual(AbsTaskRetrieval):
         bibtex_citation="",
     )
 
-    def __init__(self, task: evaluate.RetrievalTask):
+    def __init__(self, task: RetrievalTask):
         super().__init__()
         self.lareqa = task
 
@@ -89,7 +90,7 @@ class LocalXQuADRMultilingual(AbsTaskRetrieval):
         self.data_loaded = True
 
 
-def own_ndcg_at_10(model, task: evaluate.RetrievalTask, prefixes: tuple[str, str]) -> dict[str, float]:
+def own_ndcg_at_10(model, task: RetrievalTask, prefixes: tuple[str, str]) -> dict[str, float]:
     """The project's computation: encode once, score every query against the pool, nDCG@10 from ranks."""
     result = evaluate.evaluate_task(model, task, prefixes, batch_size=16)
     per_query = ndcg_at_k(ranks_of(result.queries @ result.pool.T, task.answers), 10)
@@ -97,7 +98,7 @@ def own_ndcg_at_10(model, task: evaluate.RetrievalTask, prefixes: tuple[str, str
 
 
 def test_mteb_ndcg_matches_the_projects_own_within_1e4(lareqa_task, tiny_model_dir):
-    model = evaluate.load_model(str(tiny_model_dir), 128)
+    model = load_model(str(tiny_model_dir), 128)
     report = run_tasks(model, [LocalXQuADRMultilingual(lareqa_task)], PREFIXES, batch_size=16)
 
     assert set(report) == {"LocalXQuADRMultilingual"}
@@ -117,7 +118,7 @@ def test_mteb_ndcg_matches_the_projects_own_within_1e4(lareqa_task, tiny_model_d
 
 def test_the_stage_writes_mteb_scores_into_its_metrics_file(lareqa_tables, lareqa_task, tiny_model_dir, tmp_path,
                                                             monkeypatch):
-    _write_raw(tmp_path, *lareqa_tables)
+    write_raw(tmp_path, *lareqa_tables)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["evaluate"].update(mteb_tasks=["LocalXQuADRMultilingual"], mteb_langs=["deu"], noise=[])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -134,7 +135,7 @@ def test_the_stage_writes_mteb_scores_into_its_metrics_file(lareqa_tables, lareq
     assert asked == [(["LocalXQuADRMultilingual"], ["deu"])]
     report = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert set(report) == {"xquad_r", "mteb"} and "noise" not in report["xquad_r"]
-    own = own_ndcg_at_10(evaluate.load_model(str(tiny_model_dir), 128), lareqa_task, PREFIXES)
+    own = own_ndcg_at_10(load_model(str(tiny_model_dir), 128), lareqa_task, PREFIXES)
     scores = report["mteb"]["LocalXQuADRMultilingual"]  # dvc: mteb.LocalXQuADRMultilingual.de.test.ndcg_at_10
     assert {lang: scores[lang]["test"]["ndcg_at_10"] for lang in LANGS} == pytest.approx(own, abs=1e-4)
 

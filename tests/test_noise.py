@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import evaluate
-from pipeline.evaluate import RetrievalTask, noise_robustness, sample_queries, score_task, settings_of, subset_queries
+from pipeline.common import PipelineError
+from pipeline.lareqa import RetrievalTask, sample_queries, score_task, settings_of, subset_queries
+from pipeline.robustness import noise_params, noise_robustness
 from pipeline.noise import Noise, perturb, strip_diacritics, typo
-from tests.conftest import mirror_file
+from tests.helpers import mirror_file
 
 NOISES = [Noise.parse(name) for name in ("typo_0.05", "typo_0.15", "no_diacritics", "lowercase")]
 
@@ -130,6 +132,7 @@ def _task(langs: list[str], per_lang: list[int], texts: list[str] | None = None)
     return RetrievalTask(
         langs=langs,
         query_lang=query_lang,
+        query_id=np.array([f"g{g}" for g in group]),
         query_text=texts or [f"Question {g} in {langs[x]}" for g, x in zip(group, query_lang)],
         candidate_text=[f"Passage {c} in {lang}" for lang in langs for c in range(n_groups)],
         pool_offsets=offsets,
@@ -218,9 +221,9 @@ def test_noise_params_are_checked(tmp_path):
     def params(**evaluate_params):
         return {"evaluate": {"noise": ["typo_0.05"], "noise_queries": 100, "noise_seed": 0, **evaluate_params}}
 
-    noises, per_lang, seed = evaluate.noise_params(params())
+    noises, per_lang, seed = noise_params(params())
     assert [n.name for n in noises] == ["typo_0.05"] and per_lang == 100 and seed == 0
-    assert evaluate.noise_params(params(noise=[]))[0] == []
+    assert noise_params(params(noise=[]))[0] == []
     for bad, match in [
         ({"noise": ["typo_2"]}, "params.yaml: evaluate.noise: 'typo_2': a typo rate must be"),
         ({"noise": ["lowercase", "lowercase"]}, "params.yaml: evaluate.noise: repeated: lowercase"),
@@ -229,5 +232,5 @@ def test_noise_params_are_checked(tmp_path):
         ({"noise_queries": 2.5}, "evaluate.noise_queries: expected a positive integer"),
         ({"noise_seed": "x"}, "params.yaml: evaluate.noise_seed: expected an integer"),
     ]:
-        with pytest.raises(evaluate.PipelineError, match=re.escape(match)):
-            evaluate.noise_params(params(**bad))
+        with pytest.raises(PipelineError, match=re.escape(match)):
+            noise_params(params(**bad))

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline import train
 from pipeline.common import write_parquet
-from tests.test_train import CONFIG, load, make_pairs, make_plan, stage_dir
+from tests.helpers import CONFIG, load, make_pairs, make_plan, stage_dir
 
 # Runs a stage with one library call replaced by "write part of the output, then die".
 DIE_MID_WRITE = textwrap.dedent(

@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline import train
-from tests.test_train import CONFIG, load, make_pairs, make_plan, run_stage, stage_dir
+from tests.helpers import CONFIG, load, make_pairs, make_plan, run_train_stage, stage_dir
 
 TOL = 1e-5
 
@@ -124,7 +124,7 @@ def test_two_gloo_processes_take_the_same_step_as_one(tiny_model_dir, tmp_path):
 
 def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):
     cwd = stage_dir(tmp_path, tiny_model_dir, processes=2, chunk_size=1)
-    result = run_stage(cwd)
+    result = run_train_stage(cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((cwd / "metrics/train.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3
@@ -143,7 +143,7 @@ def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):
 )
 def test_bad_scale_out_params_fail_before_start(tmp_path, tiny_model_dir, train_params, message):
     cwd = stage_dir(tmp_path, tiny_model_dir, **train_params)
-    result = run_stage(cwd)
+    result = run_train_stage(cwd)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [message]
     assert not (cwd / "models/retriever").exists()

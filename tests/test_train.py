@@ -2,48 +2,15 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from pipeline import batches, train
-from pipeline.common import PipelineError, write_parquet
-from pipeline.sources import PAIRS_SCHEMA
-from tests.conftest import REPO
-
-CONFIG = train.TrainConfig(
-    lr=1e-3, temperature=0.05, warmup_ratio=0.1, weight_decay=0.01, max_length=64,
-    query_prefix="query: ", passage_prefix="passage: ", checkpoint_every=2, seed=7,
-)
-
-
-def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
-    rows = [
-        {"group_id": f"g{g}", "lang": lang, "question": f"{lang} question {g} about topic {g * 7}",
-         "passage": f"{lang} passage {g}: the answer is {g * 7} in the city {g}."}
-        for g in range(n_groups) for lang in langs
-    ]
-    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
-
-
-def make_plan(pairs: pa.Table, steps: int = 6, batch_size: int = 4, seed: int = 3) -> pa.Table:
-    return batches.plan_batches(batches.groups_from_pairs(pairs), 0.5, "batch", batch_size, steps, seed)
-
-
-def load(model_dir: Path):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(model_dir), device="cpu")
-    model.max_seq_length = CONFIG.max_length
-    return model
-
+from pipeline import train
+from pipeline.common import PipelineError
+from tests.helpers import CONFIG, load, make_pairs, make_plan, run_train_stage, stage_dir
 
 def test_info_nce_is_cross_entropy_over_in_batch_passages():
     torch.manual_seed(0)
@@ -137,28 +104,9 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(tiny_model_dir, tmp_path):
     assert summary["resumed_from_step"] == 0
 
 
-def stage_dir(tmp_path: Path, tiny_model_dir: Path, **train_params) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"checkpoint_every": 2, **train_params})
-    params["sampler"].update({"batch_size": 4, "steps": 3})  # the plan written below
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    pairs = make_pairs()
-    write_parquet(pairs, tmp_path / "data/parallel/pairs.parquet", made_by={"data.train": params["data"]["train"]})
-    plan_params = {"seed": params["seed"], "sampler": params["sampler"]}  # as `batches` stamps them
-    write_parquet(make_plan(pairs, steps=3), tmp_path / "data/batches/plan.parquet", made_by=plan_params)
-    shutil.copytree(tiny_model_dir, tmp_path / "models/base")
-    return tmp_path
-
-
-def run_stage(cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--resume"], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_stage_writes_a_loadable_model_metrics_and_curves(tmp_path, tiny_model_dir):
     cwd = stage_dir(tmp_path, tiny_model_dir)
-    result = run_stage(cwd)
+    result = run_train_stage(cwd)
     assert result.returncode == 0, result.stderr
     model = load(cwd / "models/retriever")
     assert model.encode(["query: hello"]).shape == (1, 32)
@@ -171,7 +119,7 @@ def test_stage_writes_a_loadable_model_metrics_and_curves(tmp_path, tiny_model_d
 
 def test_stage_rejects_a_zero_temperature_without_writing(tmp_path, tiny_model_dir):
     cwd = stage_dir(tmp_path, tiny_model_dir, temperature=0)
-    result = run_stage(cwd)
+    result = run_train_stage(cwd)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: params.yaml: train.temperature: 0 must be > 0"]
     assert not (cwd / "models/retriever").exists()

@@ -19,8 +19,9 @@ import yaml
 from pipeline import translate
 from pipeline.common import PipelineError, read_parquet, write_parquet
 from pipeline.fetch import parse_lareqa, parse_squad
-from pipeline.sources import CANDIDATES_SCHEMA, MLQA_R, PAIRS_SCHEMA, QUESTIONS_SCHEMA, XQUAD_R
-from tests.conftest import REPO, mirror_file
+from pipeline.contracts import CANDIDATES_SCHEMA, PAIRS_SCHEMA, QUESTIONS_SCHEMA
+from pipeline.sources import MLQA_R, XQUAD_R
+from tests.helpers import REPO, mirror_file
 
 SQUAD_DOC = {
     "data": [

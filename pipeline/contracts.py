@@ -1,0 +1,113 @@
+"""What one stage writes and the next reads: paths, Parquet schemas and provenance stamps.
+
+Producer and consumer import the same definitions, so a path, a column or a param
+that a file is stamped with cannot drift between the two. The stamps are the params
+a file was made from (`write_parquet(..., made_by=...)`); a consumer passes its own
+params' stamp to `read_parquet`, which refuses a file made from other params.
+
+Tables:
+- `data/raw/<source>/questions.parquet`: one row per (question id, language);
+  `group_id` is the id shared by a question's translations, `answer_candidate`
+  indexes `candidates` of the same language (the sentence that holds the answer);
+- `data/raw/<source>/candidates.parquet`: every sentence of every paragraph, per
+  language, in document order (`candidate` = 0..n-1 within the language);
+- `data/parallel/{questions,candidates}.parquet`: the same layout for the training
+  source after `translate`; `data/parallel/pairs.parquet`: one row per (group,
+  language), the question and its answer sentence (the positive passage);
+- `data/batches/plan.parquet`: the batch plan, one row per planned pair;
+- `metrics/eval_queries/<dataset>.parquet`: one row per scored query and setting.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+RAW_DIR = Path("data/raw")
+PARALLEL_DIR = Path("data/parallel")
+PAIRS_PATH = PARALLEL_DIR / "pairs.parquet"
+PARALLEL_QUESTIONS_PATH = PARALLEL_DIR / "questions.parquet"
+PARALLEL_CANDIDATES_PATH = PARALLEL_DIR / "candidates.parquet"
+PLAN_PATH = Path("data/batches/plan.parquet")
+BASE_MODEL_DIR = Path("models/base")
+
+QUESTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer_candidate", pa.int32(), nullable=False),
+    ]
+)
+
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("candidate", pa.int32(), nullable=False),
+        pa.field("paragraph", pa.int32(), nullable=False),
+        pa.field("sentence_index", pa.int32(), nullable=False),
+        pa.field("sentence", pa.string(), nullable=False),
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("passage", pa.string(), nullable=False),
+    ]
+)
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("batch", pa.int32(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("query_lang", pa.string(), nullable=False),
+        pa.field("passage_lang", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+    ]
+)
+
+# Per-query evaluation results: the unit that paired statistics resample (pipeline/compare.py).
+QUERIES_SCHEMA = pa.schema(
+    [
+        pa.field("setting", pa.string(), nullable=False),  # mono | cross | multi
+        pa.field("query_lang", pa.string(), nullable=False),
+        pa.field("passage_lang", pa.string()),  # null for multi (the pool of every language)
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("ap", pa.float64(), nullable=False),
+        pa.field("recall_at_1", pa.float64()),  # mono, cross
+        pa.field("recall_at_10", pa.float64()),  # multi
+        pa.field("rank_distance", pa.float64()),  # multi
+    ]
+)
+
+# The sampler params a plan is made from; `batches` stamps them and `train` checks them.
+SAMPLER_PARAMS = ("ratio", "unit", "batch_size", "steps")
+
+
+def raw_tables(source: str, raw_dir: Path = RAW_DIR) -> tuple[Path, Path]:
+    """(questions, candidates) paths of a fetched source."""
+    return raw_dir / source / "questions.parquet", raw_dir / source / "candidates.parquet"
+
+
+def raw_stamp(source: str) -> dict:
+    """What `fetch` stamps on a source's tables (a SQuAD source adds its spec and split)."""
+    return {"source": source}
+
+
+def pairs_stamp(data_train: str) -> dict:
+    """What consumers of `data/parallel/*` check: which training source it was made from."""
+    return {"data.train": data_train}
+
+
+def plan_stamp(seed: int, sampler: dict) -> dict:
+    """What `batches` stamps on the plan and `train` checks: the seed and every sampler param."""
+    return {"seed": seed, "sampler": {key: sampler[key] for key in SAMPLER_PARAMS}}
+
+
+def queries_dir(metrics_file: str | Path) -> Path:
+    """Where per-query results go beside a metrics file: metrics/eval.json -> metrics/eval_queries/<dataset>.parquet."""
+    metrics_file = Path(metrics_file)
+    return metrics_file.with_name(f"{metrics_file.stem}_queries")

@@ -1,0 +1,86 @@
+"""What the evaluation shows a person: the console tables and the plot files for `dvc plots`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.lareqa import SETTINGS, TaskScores
+
+
+def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], plots_dir: Path) -> None:
+    """Per-pair mAP (data + heatmap per dataset), the per-language table and, with noise,
+    mAP of each setting clean and under each noise (noise.csv), for `dvc plots`, into `plots_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    pairs, languages = [], []
+    (plots_dir / "heatmaps").mkdir()
+    for name, scores in results.items():
+        long = scores.pair_map.rename_axis(index="query_lang", columns="passage_lang").stack()
+        pairs.append(long.rename("map").reset_index().assign(dataset=name))
+        languages.append(scores.languages.rename_axis("lang").reset_index().assign(dataset=name))
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(scores.pair_map), 0.8 + 0.55 * len(scores.pair_map)))
+        image = ax.imshow(scores.pair_map.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(scores.pair_map)), scores.pair_map.columns)
+        ax.set_yticks(range(len(scores.pair_map)), scores.pair_map.index)
+        ax.set_xlabel("passage language")
+        ax.set_ylabel("query language")
+        ax.set_title(f"{name}: mAP of X queries against Y passages")
+        for (i, j), value in np.ndenumerate(scores.pair_map.to_numpy()):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(plots_dir / "heatmaps" / f"{name}.png", dpi=110)
+        plt.close(fig)
+    columns = ["dataset", "query_lang", "passage_lang", "map"]
+    pd.concat(pairs)[columns].round(6).to_csv(plots_dir / "pairs.csv", index=False)
+    lang_columns = ["dataset", "lang", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance"]
+    pd.concat(languages)[lang_columns].round(6).to_csv(plots_dir / "languages.csv", index=False)
+    noise_rows = [
+        {"dataset": name, "noise": noise, **{key: figures[key] for key in SETTINGS}}
+        for name, report in noise_reports.items()
+        for noise, figures in report.items()
+        if noise != "queries"
+    ]
+    if noise_rows:
+        pd.DataFrame(noise_rows).to_csv(plots_dir / "noise.csv", index=False)
+
+
+def format_summary(name: str, summary: dict) -> str:
+    head = (
+        f"{name}: Mo. mAP {summary['mono_map']:.4f}  Cr. mAP {summary['cross_map']:.4f}  "
+        f"Mul. mAP {summary['multi_map']:.4f}  rank distance {summary['rank_distance']:.1f}\n"
+        f"  Mo. R@1 {summary['mono_recall_at_1']:.4f}  Cr. R@1 {summary['cross_recall_at_1']:.4f}  "
+        f"Mul. R@10 {summary['multi_recall_at_10']:.4f}  Mul. nDCG@10 {summary['multi_ndcg_at_10']:.4f}"
+    )
+    rows = [f"  {'lang':<5}{'Mo. mAP':>9}{'Mul. mAP':>10}{'Mul. R@10':>11}{'Mul. nDCG@10':>14}{'rank dist':>11}"]
+    for lang, row in summary["lang"].items():
+        rows.append(
+            f"  {lang:<5}{row['mono_map']:>9.4f}{row['multi_map']:>10.4f}"
+            f"{row['multi_recall_at_10']:>11.4f}{row['multi_ndcg_at_10']:>14.4f}{row['rank_distance']:>11.1f}"
+        )
+    return "\n".join([head, *rows])
+
+
+def format_noise(name: str, report: dict, per_lang: int | None) -> str:
+    sample = f"{per_lang} per language" if per_lang else "all"
+    rows = [
+        f"{name} under noise ({report['queries']} queries, {sample}): mAP, and drop from clean",
+        f"  {'noise':<15}{'Mo.':>8}{'Cr.':>8}{'Mul.':>8}{'Mo. drop':>10}{'Cr. drop':>10}{'Mul. drop':>10}  unchanged",
+    ]
+    for noise, figures in report.items():
+        if noise == "queries":
+            continue
+        line = f"  {noise:<15}" + "".join(f"{figures[key]:>8.4f}" for key in SETTINGS)
+        if noise != "clean":
+            drops = "".join(f"{figures[key.replace('_map', '_drop')]:>10.4f}" for key in SETTINGS)
+            by_lang = ", ".join(f"{lang} {n}" for lang, n in figures["unchanged_by_lang"].items() if n)
+            line += f"{drops}  {figures['unchanged']}" + (f" ({by_lang})" if by_lang else "")
+        rows.append(line)
+    return "\n".join(rows)

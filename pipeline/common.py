@@ -63,7 +63,9 @@ def stage_parser(doc: str, **paths: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_params(path: str | Path = "params.yaml") -> dict:
+def load_params(path: str | Path = "params.yaml", validate: bool = True) -> dict:
+    """params.yaml, checked whole against the schema (pipeline/params_schema.py) before any work:
+    a misspelt key, a wrong type or a value out of range is one line naming it."""
     path = Path(path)
     try:
         with path.open(encoding="utf-8") as f:
@@ -77,6 +79,10 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         raise PipelineError(f"{path}: not valid YAML{where} ({problem})") from None
     if not isinstance(params, dict):
         raise PipelineError(f"{path}: expected a mapping of parameter groups")
+    if validate:
+        from pipeline import params_schema  # it imports this module
+
+        params_schema.validate(params, origin=str(path))
     return params
 
 

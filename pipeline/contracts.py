@@ -85,6 +85,7 @@ QUERIES_SCHEMA = pa.schema(
 
 # The sampler params a plan is made from; `batches` stamps them and `train` checks them.
 SAMPLER_PARAMS = ("ratio", "unit", "batch_size", "steps")
+SAMPLER_UNITS = ("batch", "pair")  # hybrid batches (the paper) | the coin flipped per pair (baseline)
 
 
 def raw_tables(source: str, raw_dir: Path = RAW_DIR) -> tuple[Path, Path]:

@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 
 from pipeline.common import PipelineError, first_line
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from pipeline.params_schema import PRECISIONS
 
 
 def native_bf16(device_type: str) -> bool:

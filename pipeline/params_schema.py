@@ -29,15 +29,16 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.batches import UNITS
 from pipeline.common import PipelineError, load_params, run_stage
 from pipeline.noise import Noise
+from pipeline.contracts import SAMPLER_UNITS
+from pipeline.languages import NLLB_CODES
 from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES
-from pipeline.translate import NLLB_CODES
 
 # steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
 # turns every row into its query and passage texts before the first step.
 MAX_PLAN_ROWS = 50_000_000
+PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where the device has native bf16 units
 SEED_MAX = 2**32 - 1  # seeds stay 32-bit (torch.manual_seed fails past 2**64 - 1; numpy refuses < 0)
 KINDS = {"int": "an integer", "number": "a number", "str": "a string", "bool": "true or false"}
 
@@ -99,11 +100,17 @@ def _iso639_3(code: str) -> str | None:
     return f"{code!r} is not an ISO 639-3 code (three lower-case letters, e.g. deu, or with a script, e.g. deu-Latn)"
 
 
-def _compute_types() -> tuple[str, ...]:
-    """auto (translate picks one) or a type CTranslate2's converter quantizes to (translate converts with it)."""
+def _compute_type(name: str) -> str | None:
+    """auto (translate picks one) or a type CTranslate2's converter quantizes to (translate converts with it).
+    ctranslate2 is imported only for a type other than auto: it takes seconds, and every stage validates."""
+    if name == "auto":
+        return None
     from ctranslate2.converters.converter import ACCEPTED_MODEL_TYPES
 
-    return ("auto", *ACCEPTED_MODEL_TYPES)
+    if name in ACCEPTED_MODEL_TYPES:
+        return None
+    close = difflib.get_close_matches(name, ACCEPTED_MODEL_TYPES, n=1)
+    return f"{name!r} is not one of auto, {', '.join(ACCEPTED_MODEL_TYPES)}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
 def _sources() -> list[str]:
@@ -127,6 +134,7 @@ SCHEMA: dict[str, Spec] = {
     "evaluate.datasets": list_of(string(noun="dataset name", choices=lambda: sorted(LAREQA_SOURCES)), "LAReQA datasets evaluated"),
     "evaluate.langs": list_of(string(noun="language code"), "languages evaluated", nullable=True, null_means="every language of the dataset"),
     "evaluate.batch_size": integer("texts per encoding batch", lo=1),
+    "evaluate.precision": string("auto, fp32 or bf16 autocast of encoding", choices=lambda: PRECISIONS),
     "evaluate.noise": list_of(string(noun="noise name", check=_noise), "query perturbations of the robustness report", nullable=True, null_means="off", empty_ok=True),
     "evaluate.noise_queries": integer("queries perturbed per language", lo=1, nullable=True, null_means="every query"),
     "evaluate.noise_seed": integer("seeds the noisy-query sample and the typos", lo=0, hi=SEED_MAX),
@@ -135,13 +143,13 @@ SCHEMA: dict[str, Spec] = {
     "translate.model": string("an NLLB-200 hub id or a CTranslate2 directory", nullable=True, null_means="the source's own human translations"),
     "translate.source_lang": string("the language translated from", choices=lambda: sorted(NLLB_CODES)),
     "translate.langs": list_of(NLLB_LANG, "languages translated into"),
-    "translate.compute_type": string("CTranslate2 compute type", choices=_compute_types),
+    "translate.compute_type": string("CTranslate2 compute type", check=_compute_type),
     "translate.beam_size": integer("beam search width", lo=1),
     "translate.max_decoding_length": integer("output tokens per sentence", lo=1),
     "translate.max_input_tokens": integer("longer source sentences are cut", lo=3, why="(NLLB's language tag and end token take two)"),
     "translate.max_batch_tokens": integer("source tokens per CTranslate2 batch", lo=1),
     "sampler.ratio": number("probability that a batch is monolingual", lo=0, hi=1),
-    "sampler.unit": string("batch (hybrid batches) or pair (a coin per pair)", choices=lambda: UNITS),
+    "sampler.unit": string("batch (hybrid batches) or pair (a coin per pair)", choices=lambda: SAMPLER_UNITS),
     "sampler.batch_size": integer("pairs per batch", lo=2, why="(InfoNCE needs in-batch negatives)"),
     "sampler.steps": integer("training steps (batches planned)", lo=1),
     "train.lr": number("AdamW's peak learning rate", lo=0, lo_open=True),
@@ -152,6 +160,7 @@ SCHEMA: dict[str, Spec] = {
     "train.freeze_embeddings": boolean("keep the token embedding table fixed"),
     "train.processes": integer("data-parallel processes on this machine", lo=1),
     "train.chunk_size": integer("pairs per forward pass with cached gradients", lo=1, nullable=True, null_means="the whole batch at once"),
+    "train.precision": string("auto, fp32 or bf16 autocast of the forward passes", choices=lambda: PRECISIONS),
     "train.rendezvous_timeout_s": number("seconds distributed processes wait for each other", lo=0, lo_open=True, hi=86_400),
 }  # fmt: skip
 
@@ -424,7 +433,7 @@ def main() -> None:
     if args.list:
         print("\n".join(schema_lines()))
         return
-    validate(load_params(args.params), origin=args.params)
+    load_params(args.params)  # validates it
     print(f"{args.params}: {len(SCHEMA)} parameters OK")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, param
+from pipeline.common import param
 from pipeline.encoding import encode_unique
 from pipeline.lareqa import SETTINGS, RetrievalTask, sample_queries, score_task, settings_of, subset_queries
 from pipeline.noise import Noise, perturb
@@ -51,21 +51,6 @@ def noise_robustness(model, task: RetrievalTask, queries: np.ndarray, pool: np.n
 
 
 def noise_params(params: dict) -> tuple[list[Noise], int | None, int]:
-    """evaluate.noise, evaluate.noise_queries and evaluate.noise_seed, checked."""
-    names = param(params, "evaluate.noise") or []
-    if not isinstance(names, list):
-        raise PipelineError(f"params.yaml: evaluate.noise: expected a list of noises, got {names!r}")
-    repeated = sorted({str(n) for n in names if names.count(n) > 1})
-    if repeated:
-        raise PipelineError(f"params.yaml: evaluate.noise: repeated: {', '.join(repeated)}")
-    try:
-        noises = [Noise.parse(name) for name in names]
-    except ValueError as err:
-        raise PipelineError(f"params.yaml: evaluate.noise: {err}") from None
-    per_lang = param(params, "evaluate.noise_queries")
-    if per_lang is not None and (isinstance(per_lang, bool) or not isinstance(per_lang, int) or per_lang < 1):
-        raise PipelineError(f"params.yaml: evaluate.noise_queries: expected a positive integer or null, got {per_lang!r}")
-    seed = param(params, "evaluate.noise_seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise PipelineError(f"params.yaml: evaluate.noise_seed: expected an integer, got {seed!r}")
-    return noises, per_lang, seed
+    """evaluate.noise as Noise objects, evaluate.noise_queries and evaluate.noise_seed (checked by the schema)."""
+    noises = [Noise.parse(name) for name in param(params, "evaluate.noise") or []]
+    return noises, param(params, "evaluate.noise_queries"), param(params, "evaluate.noise_seed")

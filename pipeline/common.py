@@ -96,10 +96,11 @@ def param(params: dict, dotted: str) -> Any:
     return node
 
 
-def _temp_beside(final: Path) -> Path:
+def _temp_beside(final: Path, made: list[Path]) -> Path:
     """A fresh temporary directory beside `final` (removing ones a killed run left); fails early
-    with one line when the location cannot be written."""
+    with one line when the location cannot be written. Folders it had to make are added to `made`."""
     try:
+        made += [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
         final.parent.mkdir(parents=True, exist_ok=True)
         for stale in final.parent.glob(f".{final.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -132,9 +133,10 @@ def atomic_outputs(*finals: str | Path) -> Iterator[list[Path]]:
     """
     finals = [Path(f) for f in finals]
     temps: list[Path] = []
+    made: list[Path] = []  # folders made for the outputs, deepest first: removed again if left empty
     try:
         for final in finals:
-            temps.append(_temp_beside(final))
+            temps.append(_temp_beside(final, made))
         targets = [tmp / final.name for tmp, final in zip(temps, finals)]
         yield targets
         for written, final in zip(targets, finals):
@@ -143,6 +145,9 @@ def atomic_outputs(*finals: str | Path) -> Iterator[list[Path]]:
     finally:
         for tmp in temps:
             shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: an output is in it
+                folder.rmdir()
 
 
 @contextlib.contextmanager

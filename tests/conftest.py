@@ -12,3 +12,9 @@ from tests.helpers import build_tiny_model
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random-weight sentence-transformers model directory (32-dim, normalized), built once per session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def stage_command_line(monkeypatch):
+    """A stage's `main()` called in-process parses sys.argv: give it the bare command, not pytest's."""
+    monkeypatch.setattr("sys.argv", ["stage"])

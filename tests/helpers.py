@@ -180,3 +180,16 @@ def write_raw(root: Path, questions: pa.Table, candidates: pa.Table, source: str
     write_parquet(questions, questions_path, raw_stamp(source))
     write_parquet(candidates, candidates_path, raw_stamp(source))
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
+
+
+def write_params(root: Path, **dotted) -> dict:
+    """root/params.yaml: the repository's, with dotted overrides (`**{"sampler.ratio": 1.0}`); returns it."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for key, value in dotted.items():
+        *groups, name = key.split(".")
+        node = params
+        for group in groups:
+            node = node[group]
+        node[name] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return params

@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +19,7 @@ from pipeline import batches
 from pipeline.batches import groups_from_pairs, plan_batches, plan_summary
 from pipeline.common import PipelineError, write_parquet
 from pipeline.contracts import PAIRS_SCHEMA, PLAN_SCHEMA
+from tests.helpers import write_params
 
 REPO = Path(__file__).parents[1]
 LANGS = ["ar", "de", "en", "es", "hi"]
@@ -317,8 +317,8 @@ def test_bad_pairs(table, message):
 
 
 def write_stage(root: Path, groups: dict[str, list[str]] | None, **sampler) -> None:
-    params = {"seed": 42, "data": {"train": "mlqa_r"}, "sampler": {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 6, **sampler}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    sampler = {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 6, **sampler}
+    write_params(root, seed=42, **{"data.train": "mlqa_r"}, **{f"sampler.{k}": v for k, v in sampler.items()})
     if groups is not None:
         write_parquet(pairs_table(groups), root / "data/parallel/pairs.parquet", made_by={"data.train": "mlqa_r"})
 

@@ -375,7 +375,7 @@ def test_cli_unknown_dataset(workdir):
 def test_cli_model_that_does_not_load(workdir, tmp_path):
     (tmp_path / "empty").mkdir()
     out = _cli(workdir, "--model", str(tmp_path / "empty"), "--dataset", "xquad_r", "--out", "bad.json")
-    _assert_error(out.returncode, out.stderr, "cannot load a sentence-transformers model", workdir / "bad.json")
+    _assert_error(out.returncode, out.stderr, "not a sentence-transformers model (no modules.json)", workdir / "bad.json")
 
 
 def _run_in_process(cwd: Path, monkeypatch, capfd, *args: str) -> tuple[int, str]:

@@ -3,7 +3,6 @@ and that only perturbed queries are encoded again."""
 from __future__ import annotations
 
 import json
-import re
 import unicodedata
 
 import numpy as np
@@ -12,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import evaluate
-from pipeline.common import PipelineError
 from pipeline.lareqa import RetrievalTask, sample_queries, score_task, settings_of, subset_queries
-from pipeline.robustness import noise_params, noise_robustness
+from pipeline.robustness import noise_robustness
 from pipeline.noise import Noise, perturb, strip_diacritics, typo
 from tests.helpers import mirror_file
 
@@ -217,20 +215,3 @@ def test_noise_report_encodes_only_changed_queries_and_matches_a_full_re_encodin
     )
 
 
-def test_noise_params_are_checked(tmp_path):
-    def params(**evaluate_params):
-        return {"evaluate": {"noise": ["typo_0.05"], "noise_queries": 100, "noise_seed": 0, **evaluate_params}}
-
-    noises, per_lang, seed = noise_params(params())
-    assert [n.name for n in noises] == ["typo_0.05"] and per_lang == 100 and seed == 0
-    assert noise_params(params(noise=[]))[0] == []
-    for bad, match in [
-        ({"noise": ["typo_2"]}, "params.yaml: evaluate.noise: 'typo_2': a typo rate must be"),
-        ({"noise": ["lowercase", "lowercase"]}, "params.yaml: evaluate.noise: repeated: lowercase"),
-        ({"noise": "lowercase"}, "params.yaml: evaluate.noise: expected a list"),
-        ({"noise_queries": 0}, "params.yaml: evaluate.noise_queries: expected a positive integer or null, got 0"),
-        ({"noise_queries": 2.5}, "evaluate.noise_queries: expected a positive integer"),
-        ({"noise_seed": "x"}, "params.yaml: evaluate.noise_seed: expected an integer"),
-    ]:
-        with pytest.raises(PipelineError, match=re.escape(match)):
-            noise_params(params(**bad))

@@ -14,14 +14,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-import yaml
 
 from pipeline import translate
 from pipeline.common import PipelineError, read_parquet, write_parquet
 from pipeline.fetch import parse_lareqa, parse_squad
 from pipeline.contracts import CANDIDATES_SCHEMA, PAIRS_SCHEMA, QUESTIONS_SCHEMA
 from pipeline.sources import MLQA_R, XQUAD_R
-from tests.helpers import REPO, mirror_file
+from tests.helpers import REPO, mirror_file, write_params
 
 SQUAD_DOC = {
     "data": [
@@ -100,16 +99,12 @@ def tiny_ct2(tiny_hf, tmp_path_factory) -> Path:
 
 def _workdir(root: Path, monkeypatch, model, train: str = "squad", langs=("en", "de", "fr"), **translate_params) -> Path:
     """`root` as a project: params.yaml and the source's raw tables, as `fetch` writes them."""
-    params = {
-        "seed": 1,
-        "data": {"train": train},
-        "translate": {
-            "model": None if model is None else str(model), "source_lang": "en", "langs": list(langs),
-            "compute_type": "int8", "beam_size": 1, "max_decoding_length": 12, "max_input_tokens": 64,
-            "max_batch_tokens": 256, **translate_params,
-        },
+    translate = {
+        "model": None if model is None else str(model), "source_lang": "en", "langs": list(langs),
+        "compute_type": "int8", "beam_size": 1, "max_decoding_length": 12, "max_input_tokens": 64,
+        "max_batch_tokens": 256, **translate_params,
     }  # fmt: skip
-    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    write_params(root, seed=1, **{"data.train": train}, **{f"translate.{k}": v for k, v in translate.items()})
     raw = root / "data" / "raw" / train
     if train == "squad":
         questions, candidates = parse_squad(SQUAD_DOC, "squad.json")
@@ -285,7 +280,7 @@ def test_quality_report_against_the_sources_human_translations(tiny_ct2, tmp_pat
 @pytest.mark.parametrize(
     ("model", "langs", "extra_env", "message"),
     [
-        ("ct2", ("en", "xx"), {}, r"^error: params.yaml: translate.langs: unknown language code 'xx'"),
+        ("ct2", ("en", "xx"), {}, r"^error: params.yaml: translate.langs\[1\]: 'xx' is not one of af, "),
         (
             "no-such-org/no-such-nllb", ("en", "de"), {"HF_HUB_OFFLINE": "1"},
             r"^error: params.yaml: translate.model: cannot load 'no-such-org/no-such-nllb' \(not a local model directory",

@@ -6,7 +6,7 @@ Run after a sweep (README, Experiments):
 
 It reads every experiment of the current commit through `dvc.api.exp_show` and writes
 `<out>.csv` (one row per experiment) and `<out>.png`. `sampler.unit: pair` runs are
-drawn as separate markers, the zero-shot base model as dashed lines.
+drawn as separate markers, the zero-shot base model (metrics/eval_base.json) as dashed lines.
 """
 from __future__ import annotations
 
@@ -19,26 +19,57 @@ import pandas as pd
 from pipeline.common import PipelineError, atomic_path, run_stage
 
 FIGURES = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP", "rank_distance": "rank distance"}
+METRICS_FILE = "metrics/eval.json"  # the fine-tuned model's figures
+BASE_FILE = "metrics/eval_base.json"  # the zero-shot base's: the same names
+PARAMS_FILE = "params.yaml"
 
 
-def sweep_table(experiments: list[dict], dataset: str) -> pd.DataFrame:
-    """One row per finished experiment: name, ratio, unit, the dataset's headline figures and the base's."""
+def _number(value) -> float | None:
+    """A metric's value, or None where exp show has none ('!' = the file could not be read)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _metric(exp: dict, name: str, file: str, unprefixed: str) -> float | None:
+    """`name` from `file`'s column. `dvc exp show` prefixes a name with `file:` when several
+    files have it (eval.json and eval_base.json share every name); a bare name is one file's
+    only, and `unprefixed` says which (see main), so eval_base's is never taken for eval.json's."""
+    if f"{file}:{name}" in exp:
+        return _number(exp[f"{file}:{name}"])
+    return _number(exp.get(name)) if unprefixed == file else None
+
+
+def _param(exp: dict, name: str):
+    """A param's column: bare, or `params.yaml:name` where another params file has the name too."""
+    return exp[name] if name in exp else exp.get(f"{PARAMS_FILE}:{name}")
+
+
+def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS_FILE) -> pd.DataFrame:
+    """One row per finished experiment: name, ratio, unit, the fine-tuned model's headline figures
+    (from metrics/eval.json) and the base's (`base_<figure>`, from metrics/eval_base.json; NaN if absent),
+    sorted by unit and ratio. The workspace row repeats the experiment applied to it: it is dropped
+    in favour of the named one."""
     rows = []
     for exp in experiments:
-        ratio = exp.get("sampler.ratio")
-        if ratio is None or exp.get(f"{dataset}.multi_map") is None:
+        ratio = _number(_param(exp, "sampler.ratio"))
+        figures = {key: _metric(exp, f"{dataset}.{key}", METRICS_FILE, unprefixed) for key in FIGURES}
+        if ratio is None or figures["multi_map"] is None:
             continue  # queued, failed, or evaluated on other datasets
-        row = {"experiment": exp.get("Experiment") or exp.get("rev"), "ratio": float(ratio),
-               "unit": exp.get("sampler.unit", "batch")}
-        for key in FIGURES:
-            row[key] = exp.get(f"{dataset}.{key}")
-        rows.append(row)
+        figures |= {f"base_{key}": _metric(exp, f"{dataset}.{key}", BASE_FILE, unprefixed) for key in FIGURES}
+        rows.append({"experiment": exp.get("Experiment") or exp.get("rev"), "ratio": ratio,
+                     "unit": _param(exp, "sampler.unit") or "batch",
+                     **{k: float("nan") if v is None else v for k, v in figures.items()},
+                     "named": bool(exp.get("Experiment"))})
     if not rows:
-        raise PipelineError(f"no finished experiment has {dataset} metrics (run the sweep in README first)")
-    return pd.DataFrame(rows).drop_duplicates(["ratio", "unit", *FIGURES]).sort_values(["unit", "ratio"])
+        raise PipelineError(f"no finished experiment has {dataset} metrics in {METRICS_FILE} "
+                            "(run the sweep in README first)")
+    table = pd.DataFrame(rows).sort_values("named", ascending=False, kind="stable")
+    table = table.drop_duplicates(["ratio", "unit", *FIGURES]).drop(columns="named")
+    return table.sort_values(["unit", "ratio"], kind="stable").reset_index(drop=True)
 
 
-def plot_sweep(table: pd.DataFrame, base: dict | None, path: Path, dataset: str) -> None:
+def plot_sweep(table: pd.DataFrame, path: Path, dataset: str, base: dict | None = None):
+    """Each figure against the ratio, one line per unit; the base model dashed, from the table's
+    base_ columns, else from `base`. Returns the matplotlib figure (closed) for inspection."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,8 +80,11 @@ def plot_sweep(table: pd.DataFrame, base: dict | None, path: Path, dataset: str)
         for unit, rows in table.groupby("unit"):
             style = "o-" if unit == "batch" else "s"
             ax.plot(rows["ratio"], rows[key], style, label=f"unit={unit}")
-        if base and base.get(key) is not None and not math.isnan(base[key]):
-            ax.axhline(base[key], color="grey", linestyle="--", label="zero-shot base")
+        levels = sorted(set(table[f"base_{key}"].dropna())) if f"base_{key}" in table else []
+        if not levels and base and _number(base.get(key)) is not None and not math.isnan(base[key]):
+            levels = [base[key]]
+        for i, level in enumerate(levels):  # one level unless runs used different base models
+            ax.axhline(level, color="grey", linestyle="--", label="zero-shot base" if i == 0 else None)
         ax.set_xlabel("sampler.ratio (share of monolingual batches)")
         ax.set_title(f"{dataset}: {label}")
         ax.grid(alpha=0.3)
@@ -59,6 +93,7 @@ def plot_sweep(table: pd.DataFrame, base: dict | None, path: Path, dataset: str)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    return fig
 
 
 def main() -> None:
@@ -70,12 +105,18 @@ def main() -> None:
     parser.add_argument("--dataset", default="xquad_r")
     parser.add_argument("--out", default="metrics/sweep")
     args = parser.parse_args()
-    table = sweep_table(dvc.api.exp_show(), args.dataset)
-    base_file = Path("metrics/eval_base.json")
-    base = json.loads(base_file.read_text()).get(args.dataset) if base_file.exists() else None
+    local = {}
+    for file in (METRICS_FILE, BASE_FILE):
+        path = Path(file)
+        local[file] = json.loads(path.read_text()).get(args.dataset) if path.exists() else None
+    # A bare column name belongs to the one metrics file that has it in some row of the table;
+    # the workspace is a row, so the workspace's files say which (eval.json unless only the
+    # base model was evaluated here).
+    unprefixed = BASE_FILE if local[BASE_FILE] and not local[METRICS_FILE] else METRICS_FILE
+    table = sweep_table(dvc.api.exp_show(), args.dataset, unprefixed)
     with atomic_path(f"{args.out}.csv") as tmp:
         table.to_csv(tmp, index=False)
-    plot_sweep(table, base, Path(f"{args.out}.png"), args.dataset)
+    plot_sweep(table, Path(f"{args.out}.png"), args.dataset, local[BASE_FILE])
     print(table.to_string(index=False))
     print(f"wrote {args.out}.csv and {args.out}.png")
 

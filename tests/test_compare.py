@@ -1,0 +1,276 @@
+"""Tests of `compare`: headline figures by hand, the bootstrap's coverage and the test's size on
+synthetic runs, pooling by seed, and reading past revisions through DVC in a throwaway repo."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipeline import compare as cmp
+from pipeline.common import PipelineError, run_stage, write_parquet
+from pipeline.compare import QUERIES_SCHEMA, Entry, compare, group_entries, headline, holm, plot_forest, read_queries
+
+AP_FIGURES = ("mono_map", "cross_map", "multi_map")
+
+
+def synthetic(ids: list[str], langs: list[str], latent: np.ndarray, rng: np.random.Generator,
+              shift: float = 0.0) -> pd.DataFrame:
+    """A per-query table like `evaluate`'s: every question in every language, all three settings.
+
+    A question's `latent` difficulty (shared by two runs and by its translations) sets the mean
+    of its beta-distributed ap in every row, so rows of one question are correlated, as real
+    ones are; `shift` is added to every ap, so it is the true difference of each mAP figure."""
+    n, k = len(ids), 6.0
+    mono = [(x, x) for x in langs]
+    cross = [(x, y) for x in langs for y in langs if x != y]
+    parts = []
+    for setting, cells in (("mono", mono), ("cross", cross), ("multi", [(x, None) for x in langs])):
+        p = np.repeat(latent[None, :], len(cells), axis=0).ravel()
+        ap = rng.beta(k * p, k * (1 - p)) + shift
+        multi = setting == "multi"
+        parts.append(pd.DataFrame({
+            "setting": setting,
+            "query_lang": np.repeat([x for x, _ in cells], n),
+            "passage_lang": np.repeat([y for _, y in cells], n),
+            "question_id": np.tile(ids, len(cells)),
+            "ap": ap,
+            "recall_at_1": np.nan if multi else (ap > 0.5).astype(float),
+            "recall_at_10": rng.beta(k * p, k * (1 - p)) if multi else np.nan,
+            "rank_distance": rng.gamma(2.0, 300 * (1.2 - p)) if multi else np.nan,
+        }))
+    return pd.concat(parts, ignore_index=True)
+
+
+def synthetic_pair(seed: int, shift: float, n_ids: int = 300, langs=("en", "de", "zh")):
+    rng = np.random.default_rng(seed)
+    ids = [f"q{i}" for i in range(n_ids)]
+    latent = rng.beta(2.0, 2.0, n_ids) * 0.9 + 0.05
+    return synthetic(ids, list(langs), latent, rng), synthetic(ids, list(langs), latent, rng, shift)
+
+
+def entries(*tables: pd.DataFrame) -> list[Entry]:
+    return [Entry(name, [name], [t]) for name, t in zip("ABCDEFG", tables)]
+
+
+def test_headline_is_the_macro_average_of_cell_means():
+    rows = [
+        # setting, query, passage, id, ap, r@1, r@10, rank distance
+        ("mono", "en", "en", "q1", 1.0, 1.0, None, None),
+        ("mono", "en", "en", "q2", 0.5, 0.0, None, None),
+        ("mono", "de", "de", "q1", 0.2, 0.0, None, None),
+        ("cross", "en", "de", "q1", 0.4, 0.0, None, None),
+        ("cross", "en", "de", "q2", 0.6, 1.0, None, None),
+        ("cross", "de", "en", "q1", 1.0, 1.0, None, None),
+        ("multi", "en", None, "q1", 0.3, None, 1.0, 10.0),
+        ("multi", "en", None, "q2", 0.5, None, 0.0, 30.0),
+        ("multi", "de", None, "q1", 0.1, None, 0.5, 5.0),
+    ]
+    table = pd.DataFrame(rows, columns=QUERIES_SCHEMA.names)
+    figures = headline(table)
+    # Macro, not micro: each cell counts once however many questions it has.
+    assert figures["mono_map"] == pytest.approx(((1.0 + 0.5) / 2 + 0.2) / 2)  # 0.475, micro would be 0.567
+    assert figures["cross_map"] == pytest.approx(((0.4 + 0.6) / 2 + 1.0) / 2)
+    assert figures["multi_map"] == pytest.approx(((0.3 + 0.5) / 2 + 0.1) / 2)
+    assert figures["multi_recall_at_10"] == pytest.approx((0.5 + 0.5) / 2)
+    assert figures["rank_distance"] == pytest.approx((20.0 + 5.0) / 2)
+    # compare's A and B columns are the same figures.
+    result, _ = compare(entries(table, table), resamples=100)
+    assert dict(zip(result["figure"], result["a"])) == pytest.approx(figures)
+
+
+def test_a_run_against_itself_differs_by_nothing():
+    a, _ = synthetic_pair(0, 0.0)
+    result, notes = compare(entries(a, a.copy()), resamples=500)
+    assert list(result["figure"]) == list(cmp.FIGURES)
+    assert (result["difference"] == 0).all()
+    assert ((result["ci_low"] <= 0) & (result["ci_high"] >= 0)).all()
+    assert (result["p"] == 1).all() and (result["p_holm"] == 1).all()
+    assert not result["significant"].any() and notes == []
+
+
+def test_interval_covers_a_known_shift_and_the_test_keeps_its_size():
+    """200 seeded pairs with a true mAP shift, 200 with none: the BCa 95% interval must cover the
+    truth in >= 90% of trials, and the randomization test reject at 0.05 in <= 10% without a shift."""
+    trials, shift = 200, 0.02
+    covered = {f: 0 for f in cmp.FIGURES}
+    rejected = {f: 0 for f in cmp.FIGURES}
+    detected = 0
+    for trial in range(trials):
+        a, b = synthetic_pair(1000 + trial, shift, n_ids=300)
+        result = compare(entries(a, b), resamples=500, seed=trial)[0].set_index("figure")
+        for f in cmp.FIGURES:
+            truth = shift if f in AP_FIGURES else 0.0
+            covered[f] += result.loc[f, "ci_low"] <= truth <= result.loc[f, "ci_high"]
+        detected += result.loc["cross_map", "p_holm"] < 0.05
+        a, b = synthetic_pair(5000 + trial, 0.0, n_ids=300)
+        result = compare(entries(a, b), resamples=500, seed=trial)[0].set_index("figure")
+        for f in cmp.FIGURES:
+            rejected[f] += result.loc[f, "p"] < 0.05
+    assert all(c >= 0.9 * trials for c in covered.values()), covered
+    assert all(r <= 0.1 * trials for r in rejected.values()), rejected
+    assert detected >= 0.5 * trials  # the shift is large enough to be seen most of the time
+
+
+def test_pooling_by_seed_reports_the_seeds_mean_and_sd():
+    rng = np.random.default_rng(7)
+    ids = [f"q{i}" for i in range(150)]
+    latent = rng.beta(2.0, 2.0, len(ids)) * 0.9 + 0.05
+    runs = {f"{name}-s{s}": synthetic(ids, ["en", "de"], latent, rng, shift)
+            for name, shift in (("hybrid", 0.0), ("mono", 0.05)) for s in range(3)}
+    params = {name: {"seed": int(name[-1]), "sampler.ratio": 0.5 if name.startswith("hybrid") else 1.0,
+                     "sampler.unit": "batch"} for name in runs}
+    groups = group_entries(list(runs), params, "seed")
+    assert groups == [("sampler.ratio=0.5", ["hybrid-s0", "hybrid-s1", "hybrid-s2"]),
+                      ("sampler.ratio=1.0", ["mono-s0", "mono-s1", "mono-s2"])]
+    result, _ = compare([Entry(label, members, [runs[m] for m in members]) for label, members in groups],
+                        resamples=300)
+    result = result.set_index("figure")
+    for side, (_, members) in zip("ab", groups):
+        for f in cmp.FIGURES:
+            per_seed = [headline(runs[m])[f] for m in members]
+            assert result.loc[f, f"{side}_seeds"] == 3
+            assert result.loc[f, f"{side}_seeds_mean"] == pytest.approx(np.mean(per_seed))
+            assert result.loc[f, f"{side}_seeds_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+            # Same questions in every seed: the pooled figure is the seeds' mean.
+            assert result.loc[f, side] == pytest.approx(np.mean(per_seed))
+    assert result.loc["mono_map", "difference"] == pytest.approx(
+        result.loc["mono_map", "b_seeds_mean"] - result.loc["mono_map", "a_seeds_mean"])
+    # A group of several seeds is labelled by its first run where params alone do not tell groups apart.
+    same = {name: {"seed": 1, "lr": 1} for name in ("x", "y")}
+    assert group_entries(["x", "y"], same, "seed") == [("x", ["x", "y"])]
+    assert group_entries(["x", "y"], {"x": {"lr": 1}, "y": {"lr": 2}}) == [("lr=1", ["x"]), ("lr=2", ["y"])]
+
+
+def test_holm_and_every_pair():
+    assert holm(np.array([0.01, 0.04, 0.03])) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm(np.array([0.5, 0.2])) == pytest.approx([0.5, 0.4])
+    a, b = synthetic_pair(3, 0.05, n_ids=60)
+    result, _ = compare(entries(a, b, a), resamples=200)
+    assert list(dict.fromkeys(result["comparison"])) == ["B vs A", "C vs A", "C vs B"]
+    assert result.groupby("comparison")["difference"].sum()["C vs A"] == 0
+
+
+def test_bad_input_is_one_line():
+    a, b = synthetic_pair(4, 0.0, n_ids=20)
+    with pytest.raises(PipelineError, match="at least two entries, got 1"):
+        compare(entries(a), resamples=100)
+    other = b.assign(question_id=b["question_id"] + "x")
+    with pytest.raises(PipelineError, match="^A and B have no question id in common"):
+        compare(entries(a, other), resamples=100)
+    _, notes = compare(entries(a, b[b["question_id"] != "q0"]), resamples=100)
+    assert notes == ["1 question ids not in every entry were left out (19 compared)"]
+
+
+def test_forest_plot_draws_each_interval(tmp_path):
+    a, b = synthetic_pair(5, 0.05, n_ids=60)
+    result, _ = compare(entries(a, b, a), resamples=200)
+    fig = plot_forest(result, tmp_path / "f.png", "title")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [ax.get_title() for ax in fig.axes] == [cmp.LABELS[f] for f in cmp.FIGURES]
+    mono = result[result["figure"] == "mono_map"]
+    points = np.asarray(fig.axes[0].collections[-1].get_offsets())  # the differences, top row first
+    assert points[:, 0] == pytest.approx(mono["difference"].to_numpy())
+    bars = [c.lines[2][0].get_segments()[0] for c in fig.axes[0].containers]  # each interval's line
+    assert np.array([(lo[0], hi[0]) for lo, hi in bars]) == pytest.approx(mono[["ci_low", "ci_high"]].to_numpy())
+    assert any(list(line.get_xdata()) == [0, 0] and list(line.get_ydata()) == [0, 1]  # zero marked (axvline)
+               for line in fig.axes[0].lines)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(mono["comparison"])
+
+
+# --- reading past revisions through DVC ------------------------------------------------
+
+def _sh(repo: Path, *cmd: str) -> None:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env)
+
+
+def _dvc(repo: Path, *args: str) -> None:
+    _sh(repo, sys.executable, "-m", "dvc", *args)
+
+
+def _write(table: pd.DataFrame, path: Path) -> None:
+    write_parquet(pa.Table.from_pandas(table, schema=QUERIES_SCHEMA, preserve_index=False), path)
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory):
+    """A git+DVC repo with three commits of a DVC-tracked per-query file and params:
+    HEAD~2 seed 1 (ap), HEAD~1 seed 2 (ap + 0.02), HEAD = workspace ratio 1 (ap + 0.1)."""
+    repo = tmp_path_factory.mktemp("repo")
+    _sh(repo, "git", "init", "-q")
+    _sh(repo, "git", "config", "user.name", "test")
+    _sh(repo, "git", "config", "user.email", "test@example.com")
+    _dvc(repo, "init", "-q")
+    a, _ = synthetic_pair(11, 0.0, n_ids=40)
+    path = repo / "metrics/eval_queries/xquad_r.parquet"
+    for i, (seed, ratio, shift) in enumerate(((1, 0.5, 0.0), (2, 0.5, 0.02), (1, 1.0, 0.1))):
+        (repo / "params.yaml").write_text(f"seed: {seed}\nsampler:\n  ratio: {ratio}\n")
+        _write(a.assign(ap=a["ap"] + shift), path)
+        _dvc(repo, "add", "-q", "metrics/eval_queries/xquad_r.parquet")
+        _sh(repo, "git", "add", "-A")
+        _sh(repo, "git", "commit", "-qm", f"run {i}")
+    return repo, a
+
+
+def test_reads_each_revision_from_the_dvc_cache(dvc_repo):
+    repo, a = dvc_repo
+    for rev, shift in (("HEAD~2", 0.0), ("HEAD~1", 0.02), ("workspace", 0.1)):
+        table = read_queries(rev, "metrics/eval_queries/xquad_r.parquet", repo=str(repo))
+        assert table["ap"].to_numpy() == pytest.approx(a["ap"].to_numpy() + shift), rev
+    with pytest.raises(PipelineError, match="^no-such-rev: unknown revision"):
+        read_queries("no-such-rev", "metrics/eval_queries/xquad_r.parquet", repo=str(repo))
+    with pytest.raises(PipelineError, match=r"^HEAD~1: metrics/eval_queries/mlqa_r.parquet not found .*dvc exp run"):
+        read_queries("HEAD~1", "metrics/eval_queries/mlqa_r.parquet", repo=str(repo))
+
+
+def test_cli_compares_a_past_revision_with_the_workspace(dvc_repo, monkeypatch, capsys):
+    repo, a = dvc_repo
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, "argv", ["compare", "HEAD~2", "workspace", "--resamples", "200", "--out", "out/cmp"])
+    run_stage(cmp.main)
+    printed = capsys.readouterr().out
+    assert "| workspace vs HEAD~2 | Mo. mAP |" in printed and "| 0.1000 |" in printed
+    table = pd.read_csv(repo / "out/cmp.csv").set_index("figure")
+    for f in AP_FIGURES:
+        assert table.loc[f, "difference"] == pytest.approx(0.1)
+        assert table.loc[f, "a"] == pytest.approx(headline(a)[f])
+    assert (repo / "out/cmp.md").read_text() in printed
+    assert (repo / "out/cmp.png").exists()
+    monkeypatch.setattr(sys, "argv", ["compare", "HEAD~1", "workspace", "--dataset", "mlqa_r"])
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(cmp.main)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: HEAD~1: metrics/eval_queries/mlqa_r.parquet not found at that revision nor in the DVC cache "
+        "(run it with `dvc exp run`/`dvc repro`, or `dvc pull`)")
+    monkeypatch.setattr(sys, "argv", ["compare", "HEAD~1"])
+    with pytest.raises(SystemExit):
+        run_stage(cmp.main)
+    assert "at least two entries, got 1" in capsys.readouterr().err
+
+
+def test_cli_pools_revisions_that_differ_only_in_seed(dvc_repo, monkeypatch, capsys):
+    repo, a = dvc_repo
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, "argv", ["compare", "HEAD~2", "HEAD~1", "workspace", "--group", "seed",
+                                      "--resamples", "200", "--out", "out/pooled"])
+    run_stage(cmp.main)
+    printed = capsys.readouterr().out
+    assert "Note: sampler.ratio=0.5 pools HEAD~2, HEAD~1." in printed
+    table = pd.read_csv(repo / "out/pooled.csv").set_index("figure")
+    assert table.loc["mono_map", "comparison"] == "sampler.ratio=1.0 vs sampler.ratio=0.5"
+    per_seed = [headline(a)["mono_map"], headline(a)["mono_map"] + 0.02]
+    assert table.loc["mono_map", "a_seeds"] == 2
+    assert table.loc["mono_map", "a_seeds_mean"] == pytest.approx(np.mean(per_seed))
+    assert table.loc["mono_map", "a_seeds_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert table.loc["mono_map", "difference"] == pytest.approx(0.09)  # pooled seeds: ap + 0.01
+    monkeypatch.setattr(sys, "argv", ["compare", "HEAD~2", "HEAD~1", "--group", "seed"])
+    with pytest.raises(SystemExit):
+        run_stage(cmp.main)
+    assert "all entries differ only in seed" in capsys.readouterr().err

@@ -14,6 +14,7 @@ loading the model, i.e. what training adds), torch.cuda.max_memory_allocated on 
 
     python benchmarks/cached_batch.py [--batch-size 1024] [--chunk-size 64] [--model models/base]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,10 @@ def main() -> None:
     print(f"  {'config':<18}{'seconds':>9}{'pairs/s':>10}{'peak MiB':>10}{'added MiB':>11}")
     for name, r in results.items():
         print(f"  {name:<18}{r['seconds']:>9.1f}{r['pairs_per_s']:>10.1f}{r['peak_mib']:>10.0f}{r['added_mib']:>11.0f}")
-    print(f"  cached-{b}/{c} peak / plain-{c} peak: {cached['peak_mib'] / plain_c['peak_mib']:.2f}x (target <= 1.3x); "
-          f"added by training: {cached['added_mib'] / max(plain_c['added_mib'], 1):.2f}x")
+    print(
+        f"  cached-{b}/{c} peak / plain-{c} peak: {cached['peak_mib'] / plain_c['peak_mib']:.2f}x (target <= 1.3x); "
+        f"added by training: {cached['added_mib'] / max(plain_c['added_mib'], 1):.2f}x"
+    )
     print(f"  cached-{b}/{c} peak / plain-{b} peak: {cached['peak_mib'] / plain_b['peak_mib']:.2f}x")
     print(f"  throughput cost of caching: {1 - cached['pairs_per_s'] / plain_b['pairs_per_s']:.1%} (target <= 35%)")
 

@@ -12,6 +12,7 @@ Needs `data/parallel/pairs.parquet` and `data/batches/plan.parquet` (`dvc repro 
 Runners: `ours` (default: token embeddings frozen), `ours-unfrozen` (every weight trained,
 as the sentence-transformers trainer does), `st` (SentenceTransformerTrainer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def batches_of_plan(batch_size: int, steps: int, max_length: int):
     need = batch_size * steps
     if len(flat_q) < need:
         raise SystemExit(f"the plan has {len(flat_q)} pairs, fewer than {need}; lower --steps or --batch-size")
-    return ([flat_q[i : i + batch_size] for i in range(0, need, batch_size)],
-            [flat_p[i : i + batch_size] for i in range(0, need, batch_size)])
+    return (
+        [flat_q[i : i + batch_size] for i in range(0, need, batch_size)],
+        [flat_p[i : i + batch_size] for i in range(0, need, batch_size)],
+    )
 
 
 def run_one(runner: str, args) -> dict:
@@ -53,9 +56,18 @@ def run_one(runner: str, args) -> dict:
     model.max_seq_length = args.max_length
     queries, passages = batches_of_plan(args.batch_size, args.steps, args.max_length)
     if runner.startswith("ours"):
-        config = TrainConfig(lr=args.lr, temperature=args.temperature, warmup_ratio=0.1, weight_decay=0.01,
-                             max_length=args.max_length, query_prefix="", passage_prefix="",
-                             checkpoint_every=10**9, seed=0, freeze_embeddings=runner == "ours")
+        config = TrainConfig(
+            lr=args.lr,
+            temperature=args.temperature,
+            warmup_ratio=0.1,
+            weight_decay=0.01,
+            max_length=args.max_length,
+            query_prefix="",
+            passage_prefix="",
+            checkpoint_every=10**9,
+            seed=0,
+            freeze_embeddings=runner == "ours",
+        )
         started = time.perf_counter()
         train(model, queries, passages, config)
     else:
@@ -65,13 +77,23 @@ def run_one(runner: str, args) -> dict:
 
         data = Dataset.from_dict({"anchor": sum(queries, []), "positive": sum(passages, [])})
         training_args = SentenceTransformerTrainingArguments(
-            output_dir="/tmp/hybridir-st-bench", per_device_train_batch_size=args.batch_size,
-            max_steps=args.steps, learning_rate=args.lr, warmup_ratio=0.1, weight_decay=0.01,
-            bf16=device == "cuda", save_strategy="no", report_to="none", logging_steps=10**9,
-            dataloader_drop_last=True, seed=0,
+            output_dir="/tmp/hybridir-st-bench",
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            warmup_ratio=0.1,
+            weight_decay=0.01,
+            bf16=device == "cuda",
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10**9,
+            dataloader_drop_last=True,
+            seed=0,
         )
         trainer = SentenceTransformerTrainer(
-            model=model, args=training_args, train_dataset=data,
+            model=model,
+            args=training_args,
+            train_dataset=data,
             loss=MultipleNegativesRankingLoss(model, scale=1 / args.temperature),
         )
         started = time.perf_counter()
@@ -79,10 +101,14 @@ def run_one(runner: str, args) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"runner": runner, "device": device, "seconds": seconds,
-            "pairs_per_s": args.steps * args.batch_size / seconds, "peak_mib": peak / 2**20}
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "runner": runner,
+        "device": device,
+        "seconds": seconds,
+        "pairs_per_s": args.steps * args.batch_size / seconds,
+        "peak_mib": peak / 2**20,
+    }
 
 
 def main() -> None:

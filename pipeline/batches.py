@@ -12,16 +12,27 @@ cross-lingual ones) is walked in reshuffled passes instead of drawn with
 replacement. Planning once, up front, makes training reproducible and lets
 `dvc metrics diff` compare samplers without training.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.common import PipelineError, atomic_outputs, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
+from pipeline.common import (
+    PipelineError,
+    atomic_outputs,
+    load_params,
+    param,
+    read_parquet,
+    run_stage,
+    stage_parser,
+    write_json,
+    write_parquet,
+)
 from pipeline.contracts import PAIRS_PATH, PAIRS_SCHEMA, PLAN_PATH, PLAN_SCHEMA, SAMPLER_PARAMS, pairs_stamp, plan_stamp
 
 
@@ -71,8 +82,7 @@ def _check_groups(langs: list[str], has: np.ndarray, ratio: float, unit: str, ba
         raise PipelineError("no groups to plan batches from")
     if ratio < 1 and len(langs) < 2:
         raise PipelineError(
-            f"params.yaml: sampler.ratio: {ratio} asks for cross-lingual pairs, "
-            f"but the pairs have only one language ('{langs[0]}')"
+            f"params.yaml: sampler.ratio: {ratio} asks for cross-lingual pairs, but the pairs have only one language ('{langs[0]}')"
         )
     pools: list[tuple[int, str]] = []
     if ratio < 1:
@@ -89,9 +99,7 @@ def _check_groups(langs: list[str], has: np.ndarray, ratio: float, unit: str, ba
             )
 
 
-def plan_batches(
-    groups: Mapping[str, Iterable[str]], ratio: float, unit: str, batch_size: int, steps: int, seed: int
-) -> pa.Table:
+def plan_batches(groups: Mapping[str, Iterable[str]], ratio: float, unit: str, batch_size: int, steps: int, seed: int) -> pa.Table:
     """The batch plan (PLAN_SCHEMA, steps * batch_size rows), deterministic for `seed`.
 
     unit=batch: a batch is mono with probability `ratio`, its language uniform over

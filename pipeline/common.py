@@ -4,6 +4,7 @@ Stages never leave a half-written output behind: everything is written to a
 temporary sibling path and renamed into place only once it is complete, so a
 crash or a validation error keeps the previous output intact for DVC.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -186,10 +188,7 @@ def read_parquet(path: str | Path, schema: pa.Schema, made_by: dict | None = Non
         if field.name not in table.column_names:
             raise PipelineError(f"{path}: missing column '{field.name}'")
         if not table.schema.field(field.name).type.equals(field.type):
-            raise PipelineError(
-                f"{path}: column '{field.name}' has type {table.schema.field(field.name).type}, "
-                f"expected {field.type}"
-            )
+            raise PipelineError(f"{path}: column '{field.name}' has type {table.schema.field(field.name).type}, expected {field.type}")
     if made_by is not None:
         stamped = json.loads((table.schema.metadata or {}).get(b"hybridir.params", b"{}"))
         for key, want in made_by.items():

@@ -16,6 +16,7 @@ and pair) share one difficulty, so they are resampled and swapped together.
 For every pair of entries and every headline figure it writes `<out>.md` (the table),
 `<out>.csv` and `<out>.png` (a forest plot of the differences), and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,22 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from scipy import stats
 
 from pipeline.common import PipelineError, atomic_path, first_line, read_parquet, run_stage
-
-# Per-query results of `evaluate`, one file per dataset (moves to a shared contracts module later).
-QUERIES_SCHEMA = pa.schema([
-    ("setting", pa.string()),  # mono | cross | multi
-    ("query_lang", pa.string()),
-    ("passage_lang", pa.string()),  # null for multi
-    ("question_id", pa.string()),
-    ("ap", pa.float64()),
-    ("recall_at_1", pa.float64()),  # mono, cross
-    ("recall_at_10", pa.float64()),  # multi
-    ("rank_distance", pa.float64()),  # multi
-])
+from pipeline.contracts import QUERIES_SCHEMA
 
 # Headline figure -> (setting, column): each is a macro-average over the setting's cells
 # (mono: languages X of (X, X); cross: ordered pairs X != Y; multi: query languages X) of
@@ -55,8 +44,13 @@ FIGURES = {
     "multi_recall_at_10": ("multi", "recall_at_10"),
     "rank_distance": ("multi", "rank_distance"),
 }
-LABELS = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP",
-          "multi_recall_at_10": "Mul. R@10", "rank_distance": "rank distance"}
+LABELS = {
+    "mono_map": "Mo. mAP",
+    "cross_map": "Cr. mAP",
+    "multi_map": "Mul. mAP",
+    "multi_recall_at_10": "Mul. R@10",
+    "rank_distance": "rank distance",
+}
 ALPHA = 0.05
 BATCH = 1000  # resamples per vectorized call: a [BATCH, n_ids] weight matrix stays ~10 MiB
 
@@ -79,16 +73,14 @@ def cells(table: pd.DataFrame) -> pd.DataFrame:
         else:
             cell = query[rows]
         parts.append((ids[rows], figure + "|" + cell, values[rows]))
-    return pd.DataFrame({key: np.concatenate([part[k] for part in parts])
-                         for k, key in enumerate(("question_id", "column", "value"))})
+    return pd.DataFrame({key: np.concatenate([part[k] for part in parts]) for k, key in enumerate(("question_id", "column", "value"))})
 
 
 def headline(table: pd.DataFrame) -> dict[str, float]:
     """The headline figures of one per-query table (NaN for a figure without rows)."""
     means = cells(table).groupby("column")["value"].mean()
     figure = means.index.str.split("|").str[0]
-    return {name: float(means[figure == name].mean()) if (figure == name).any() else float("nan")
-            for name in FIGURES}
+    return {name: float(means[figure == name].mean()) if (figure == name).any() else float("nan") for name in FIGURES}
 
 
 @dataclass
@@ -107,8 +99,7 @@ def layout(tables: list[tuple[str, pd.DataFrame]]) -> tuple[Layout, list[str]]:
     own_ids = [(name, pd.Index(long["question_id"].unique())) for name, long in tables]
     for (first, a), (second, b) in itertools.combinations(own_ids, 2):
         if not a.intersection(b).size:
-            raise PipelineError(f"{first} and {second} have no question id in common "
-                                "(different datasets or evaluation subsets?)")
+            raise PipelineError(f"{first} and {second} have no question id in common (different datasets or evaluation subsets?)")
     ids = own_ids[0][1]
     for _, own in own_ids[1:]:
         ids = ids.intersection(own)
@@ -213,8 +204,7 @@ def paired_stats(a: np.ndarray, b: np.ndarray, lay: Layout, resamples: int, rng:
         # Identical entries: BCa is undefined (its acceleration is 0/0); handled below.
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        boot_res = stats.bootstrap((np.arange(n),), boot, n_resamples=resamples, batch=BATCH,
-                                   vectorized=True, rng=rng)
+        boot_res = stats.bootstrap((np.arange(n),), boot, n_resamples=resamples, batch=BATCH, vectorized=True, rng=rng)
     low, high = np.atleast_1d(boot_res.confidence_interval.low), np.atleast_1d(boot_res.confidence_interval.high)
     # BCa is NaN when every resample gives the same difference (e.g. a run with itself):
     # the percentile interval is then that value.
@@ -222,8 +212,9 @@ def paired_stats(a: np.ndarray, b: np.ndarray, lay: Layout, resamples: int, rng:
     bad = ~(np.isfinite(low) & np.isfinite(high))
     low[bad] = np.percentile(dist[bad], 2.5, axis=-1)
     high[bad] = np.percentile(dist[bad], 97.5, axis=-1)
-    perm = stats.permutation_test((np.arange(n), np.arange(n) + n), swapped, permutation_type="samples",
-                                  n_resamples=resamples, batch=BATCH, vectorized=True, rng=rng)
+    perm = stats.permutation_test(
+        (np.arange(n), np.arange(n) + n), swapped, permutation_type="samples", n_resamples=resamples, batch=BATCH, vectorized=True, rng=rng
+    )
     return observed, low, high, np.atleast_1d(perm.pvalue)
 
 
@@ -244,8 +235,7 @@ def compare(entries: list[Entry], resamples: int = 10_000, seed: int = 0) -> tup
     the seeds' own figures give the mean ± sd columns. Holm's correction runs over the
     figures of one pair. The same inputs and `seed` give the same intervals and p-values."""
     if len(entries) < 2:
-        raise PipelineError(f"compare needs at least two entries, got {len(entries)} "
-                            "(experiment names, git revisions or `workspace`)")
+        raise PipelineError(f"compare needs at least two entries, got {len(entries)} (experiment names, git revisions or `workspace`)")
     longs = [[cells(t) for t in e.tables] for e in entries]
     lay, notes = layout([(m, long) for e, ls in zip(entries, longs) for m, long in zip(e.members, ls)])
     mats, seed_figs = [], []
@@ -259,13 +249,24 @@ def compare(entries: list[Entry], resamples: int = 10_000, seed: int = 0) -> tup
         diff, low, high, p = paired_stats(mats[i], mats[j], lay, resamples, rng)
         fig_a, fig_b = macro(mats[i].sum(0), lay), macro(mats[j].sum(0), lay)
         for k, (figure, p_holm) in enumerate(zip(lay.figures, holm(p))):
-            rows.append({
-                "comparison": f"{b.label} vs {a.label}", "figure": figure, "a_label": a.label, "b_label": b.label,
-                "a": fig_a[k], "b": fig_b[k],
-                **_seed_summary("a", seed_figs[i][:, k]), **_seed_summary("b", seed_figs[j][:, k]),
-                "difference": diff[k], "ci_low": low[k], "ci_high": high[k],
-                "p": p[k], "p_holm": p_holm, "significant": bool(p_holm < ALPHA),
-            })
+            rows.append(
+                {
+                    "comparison": f"{b.label} vs {a.label}",
+                    "figure": figure,
+                    "a_label": a.label,
+                    "b_label": b.label,
+                    "a": fig_a[k],
+                    "b": fig_b[k],
+                    **_seed_summary("a", seed_figs[i][:, k]),
+                    **_seed_summary("b", seed_figs[j][:, k]),
+                    "difference": diff[k],
+                    "ci_low": low[k],
+                    "ci_high": high[k],
+                    "p": p[k],
+                    "p_holm": p_holm,
+                    "significant": bool(p_holm < ALPHA),
+                }
+            )
     return pd.DataFrame(rows), notes
 
 
@@ -288,6 +289,7 @@ def group_entries(names: list[str], params: dict[str, dict], key: str = "seed") 
 
     A group is labelled by the params that tell the groups apart (`sampler.ratio=0.5`), or by
     its first member where those are none or do not tell them apart."""
+
     def other(name):
         return tuple(sorted((k, repr(v)) for k, v in params[name].items() if k != key and not k.endswith(f":{key}")))
 
@@ -325,8 +327,9 @@ def read_queries(rev: str, path: str, repo: str | None = None) -> pd.DataFrame:
     except RevError:
         raise PipelineError(f"{rev}: unknown revision (not an experiment name, a git revision or `workspace`)") from None
     except (PathMissingError, FileNotFoundError):
-        raise PipelineError(f"{rev}: {path} not found at that revision nor in the DVC cache (run it with "
-                            "`dvc exp run`/`dvc repro`, or `dvc pull`)") from None
+        raise PipelineError(
+            f"{rev}: {path} not found at that revision nor in the DVC cache (run it with `dvc exp run`/`dvc repro`, or `dvc pull`)"
+        ) from None
     except DvcException as err:
         raise PipelineError(f"{rev}: cannot read {path} ({first_line(err)})") from None
     # read_parquet checks the schema and its version; its messages name the temporary copy,
@@ -347,21 +350,21 @@ def _fmt(figure: str, value: float) -> str:
 def _side(row, side: str) -> str:
     figure = row["figure"]
     if row[f"{side}_seeds"] > 1:
-        return (f"{_fmt(figure, row[f'{side}_seeds_mean'])} ± {_fmt(figure, row[f'{side}_seeds_sd'])} "
-                f"({row[f'{side}_seeds']} seeds)")
+        return f"{_fmt(figure, row[f'{side}_seeds_mean'])} ± {_fmt(figure, row[f'{side}_seeds_sd'])} ({row[f'{side}_seeds']} seeds)"
     return _fmt(figure, row[side])
 
 
 def markdown(result: pd.DataFrame, header: str, notes: list[str]) -> str:
     """A table to paste: one row per (pair, figure)."""
     lines = [header, ""] + [f"Note: {n}." for n in notes] + ([""] if notes else [])
-    lines += ["| comparison | figure | A | B | B − A | 95% CI | p | Holm p | significant |",
-              "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    lines += ["| comparison | figure | A | B | B − A | 95% CI | p | Holm p | significant |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
     for _, r in result.iterrows():
         f = r["figure"]
-        lines.append(f"| {r['comparison']} | {LABELS[f]} | {_side(r, 'a')} | {_side(r, 'b')} | "
-                     f"{_fmt(f, r['difference'])} | [{_fmt(f, r['ci_low'])}, {_fmt(f, r['ci_high'])}] | "
-                     f"{r['p']:.4f} | {r['p_holm']:.4f} | {'yes' if r['significant'] else 'no'} |")
+        lines.append(
+            f"| {r['comparison']} | {LABELS[f]} | {_side(r, 'a')} | {_side(r, 'b')} | "
+            f"{_fmt(f, r['difference'])} | [{_fmt(f, r['ci_low'])}, {_fmt(f, r['ci_high'])}] | "
+            f"{r['p']:.4f} | {r['p_holm']:.4f} | {'yes' if r['significant'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -375,15 +378,14 @@ def plot_forest(result: pd.DataFrame, path: Path, title: str):
 
     figures = list(dict.fromkeys(result["figure"]))
     pairs = list(dict.fromkeys(result["comparison"]))
-    fig, axes = plt.subplots(1, len(figures), figsize=(3.6 * len(figures), 1.8 + 0.45 * len(pairs)),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(figures), figsize=(3.6 * len(figures), 1.8 + 0.45 * len(pairs)), sharey=True, squeeze=False)
     for ax, figure in zip(axes[0], figures):
         rows = result[result["figure"] == figure].set_index("comparison").loc[pairs]
         y = np.arange(len(pairs))[::-1]
         err = np.vstack([rows["difference"] - rows["ci_low"], rows["ci_high"] - rows["difference"]])
         colors = ["tab:red" if s else "tab:blue" for s in rows["significant"]]
         for k, color in enumerate(colors):
-            ax.errorbar(rows["difference"].iloc[k], y[k], xerr=err[:, k:k + 1], fmt="none", ecolor=color, capsize=3)
+            ax.errorbar(rows["difference"].iloc[k], y[k], xerr=err[:, k : k + 1], fmt="none", ecolor=color, capsize=3)
         ax.scatter(rows["difference"], y, c=colors, zorder=3)
         ax.axvline(0, color="grey", linestyle="--", linewidth=1)
         ax.set_yticks(y, pairs)
@@ -410,8 +412,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if len(args.entries) < 2:
-        raise PipelineError(f"compare needs at least two entries, got {len(args.entries)} "
-                            "(experiment names, git revisions or `workspace`)")
+        raise PipelineError(f"compare needs at least two entries, got {len(args.entries)} (experiment names, git revisions or `workspace`)")
     if args.resamples < 100:
         raise PipelineError(f"--resamples: {args.resamples} is too few for a 95% interval (use >= 100)")
     parsed = [parse_entry(e, args.queries_dir) for e in args.entries]
@@ -436,8 +437,10 @@ def main() -> None:
     for label, members in groups:
         if len(members) > 1:
             notes.append(f"{label} pools {', '.join(members)}")
-    header = (f"{args.dataset}: paired bootstrap over question ids ({args.resamples} resamples, BCa 95% CI) "
-              f"and paired randomization test, Holm over the figures of each comparison; seed {args.seed}")
+    header = (
+        f"{args.dataset}: paired bootstrap over question ids ({args.resamples} resamples, BCa 95% CI) "
+        f"and paired randomization test, Holm over the figures of each comparison; seed {args.seed}"
+    )
     text = markdown(result, header, notes)
     with atomic_path(f"{args.out}.md") as tmp:
         tmp.write_text(text, encoding="utf-8")

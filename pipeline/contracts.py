@@ -17,6 +17,7 @@ Tables:
 - `data/batches/plan.parquet`: the batch plan, one row per planned pair;
 - `metrics/eval_queries/<dataset>.parquet`: one row per scored query and setting.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

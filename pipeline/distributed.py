@@ -5,6 +5,7 @@ its slice of each planned batch; passages are gathered so each query is still sc
 against the whole planned batch, and weight gradients are averaged, so N processes
 take exactly the steps one process would take on the same plan.
 """
+
 from __future__ import annotations
 
 import contextlib

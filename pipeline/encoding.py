@@ -7,6 +7,7 @@ truncated weights file fails deep inside a library, so both get one line here.
 bf16 autocast doubles encoding and speeds training up by half on CPUs with native
 bf16 units (AVX-512 BF16, AMX) and on CUDA; `precision: auto` uses it exactly there.
 """
+
 from __future__ import annotations
 
 import contextlib

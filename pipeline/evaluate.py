@@ -6,6 +6,7 @@ loads, encodes every distinct text once (pipeline/encoding.py), scores all setti
 tasks (pipeline/mteb_tasks.py), and writes the metrics JSON, the per-query results
 (one Parquet file per dataset, for pipeline/compare.py) and the plots together.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,7 +17,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.common import PipelineError, atomic_outputs, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
+from pipeline.common import (
+    PipelineError,
+    atomic_outputs,
+    load_params,
+    param,
+    read_parquet,
+    run_stage,
+    stage_parser,
+    write_json,
+    write_parquet,
+)
 from pipeline.contracts import CANDIDATES_SCHEMA, QUERIES_SCHEMA, QUESTIONS_SCHEMA, RAW_DIR, queries_dir, raw_stamp, raw_tables
 from pipeline.encoding import encode_unique, load_model, use_bf16
 from pipeline.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs

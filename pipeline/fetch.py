@@ -7,6 +7,7 @@ run sees the same bytes. The English `squad` source is a local SQuAD v1.1 .json
 file or a Hugging Face dataset id. Every source is parsed and validated before
 anything is written, so a bad input never leaves a partial `data/raw/` behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,14 +17,25 @@ import re
 import time
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pyarrow as pa
 import requests
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_outputs, atomic_path, first_line, load_params, param, run_stage, stage_parser, write_parquet
+from pipeline.common import (
+    PipelineError,
+    atomic_outputs,
+    atomic_path,
+    first_line,
+    load_params,
+    param,
+    run_stage,
+    stage_parser,
+    write_parquet,
+)
 from pipeline.contracts import CANDIDATES_SCHEMA, QUESTIONS_SCHEMA, raw_stamp, raw_tables
 from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES, LareqaSource
 
@@ -152,19 +164,13 @@ def _parse(doc: Any, lang: str, origin: str, split: Callable[[str], list[tuple[i
                 start = _get(answers[0], "answer_start", int, a_where, origin)
                 text = _get(answers[0], "text", str, a_where, origin)
                 if not 0 <= start < len(context):
-                    raise PipelineError(
-                        f"{origin}: {a_where}.answer_start: {start} is outside the context (length {len(context)})"
-                    )
+                    raise PipelineError(f"{origin}: {a_where}.answer_start: {start} is outside the context (length {len(context)})")
                 pos = start + len(text) - len(text.lstrip())  # an answer's leading blanks may sit between sentences
                 n = bisect_right(starts, pos) - 1
                 if n < 0 or pos >= ends[n]:
-                    raise PipelineError(
-                        f"{origin}: {a_where}.answer_start: {start} is outside every sentence break of its paragraph"
-                    )
+                    raise PipelineError(f"{origin}: {a_where}.answer_start: {start} is outside every sentence break of its paragraph")
                 if qid in first_seen:
-                    raise PipelineError(
-                        f"{origin}: {q_where}.id: duplicate question id '{qid}' (first at {first_seen[qid]})"
-                    )
+                    raise PipelineError(f"{origin}: {q_where}.id: duplicate question id '{qid}' (first at {first_seen[qid]})")
                 first_seen[qid] = q_where
                 q_group.append(qid)
                 q_text.append(question)
@@ -221,9 +227,7 @@ def squad_rows_to_doc(rows: Iterable[dict]) -> dict:
     return {"data": [{"paragraphs": paragraphs}]}
 
 
-def download(
-    url: str, dest: Path, want_sha256: str, tries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60
-) -> bytes:
+def download(url: str, dest: Path, want_sha256: str, tries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60) -> bytes:
     """The pinned bytes of `url`, cached at `dest`; retries transient failures with exponential backoff.
 
     The cache file is only moved into place once its sha256 matches, so a

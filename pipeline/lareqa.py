@@ -15,6 +15,7 @@ three settings, so memory stays flat as pools grow. Every figure is a mean of th
 per-query results (`TaskScores.queries`, the rows of `metrics/eval_queries/`), so the
 paired statistics of `pipeline/compare.py` work on exactly what the headline reports.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,9 +72,7 @@ def build_task(questions: pd.DataFrame, candidates: pd.DataFrame, langs: list[st
         if size == 0 or not np.array_equal(got, np.arange(size)):
             raise PipelineError(f"{origin}/candidates.parquet: language '{lang}' has no candidates 0..n-1")
     q_lang = questions["lang"].map(lang_index).to_numpy()
-    bad = (questions["answer_candidate"].to_numpy() < 0) | (
-        questions["answer_candidate"].to_numpy() >= sizes[q_lang]
-    )
+    bad = (questions["answer_candidate"].to_numpy() < 0) | (questions["answer_candidate"].to_numpy() >= sizes[q_lang])
     if bad.any():
         row = questions[bad].iloc[0]
         raise PipelineError(
@@ -182,9 +181,7 @@ def select_langs(available: list[str], wanted: list[str] | None, dataset: str) -
         raise PipelineError(f"{dataset}: language code(s) repeated: {', '.join(repeated)}")
     unknown = [lang for lang in wanted if lang not in available]
     if unknown:
-        raise PipelineError(
-            f"{dataset}: unknown language code(s) {', '.join(unknown)} (available: {', '.join(available)})"
-        )
+        raise PipelineError(f"{dataset}: unknown language code(s) {', '.join(unknown)} (available: {', '.join(available)})")
     return list(wanted)
 
 

@@ -10,6 +10,7 @@ whose score is >= its own (itself included), i.e. it is placed after every
 candidate it ties with. A relevant item tied with a non-relevant one gets the
 worse rank, and constant scores cannot look like a perfect ranking.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ offline machine fails in seconds, not after the LAReQA evaluation. Results are n
 from or written to mteb's result cache (~/.cache/mteb): DVC already tracks them, and a
 cached score of an older checkpoint under the same path would be silently reused.
 """
+
 from __future__ import annotations
 
 from pipeline.common import PipelineError, first_line

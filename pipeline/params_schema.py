@@ -19,6 +19,7 @@ fails until it has one, and until the new parameter has a bad-value case there.
 validates a params file (a DVC stage that depends on the whole of params.yaml), or
 lists the schema.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.common import PipelineError, load_params, run_stage
-from pipeline.noise import Noise
 from pipeline.contracts import SAMPLER_UNITS
 from pipeline.languages import NLLB_CODES
+from pipeline.noise import Noise
 from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES
 
 # steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
@@ -275,7 +276,9 @@ def _suggestion(name: str) -> str:
     elsewhere = [known for known in sorted(SCHEMA) if known.split(".")[-1] == key and known != name]
     if elsewhere:
         return f" (did you mean {' or '.join(elsewhere)}?)"
-    siblings = {known.rpartition(".")[2]: known for known in sorted([*SCHEMA, *GROUPS], key=_file_order) if known.rpartition(".")[0] == parent}
+    siblings = {
+        known.rpartition(".")[2]: known for known in sorted([*SCHEMA, *GROUPS], key=_file_order) if known.rpartition(".")[0] == parent
+    }
     close = difflib.get_close_matches(key, siblings, n=1)
     if close:
         return f" (did you mean {siblings[close[0]]}?)"
@@ -371,9 +374,7 @@ def _langs_in_datasets(p: dict) -> tuple[str, str] | None:
     for dataset in p["evaluate.datasets"]:
         missing = [lang for lang in p["evaluate.langs"] or [] if lang not in LAREQA_SOURCES[dataset].langs]
         if missing:
-            return "evaluate.langs", (
-                f"{', '.join(missing)} not in {dataset} (its languages: {', '.join(LAREQA_SOURCES[dataset].langs)})"
-            )
+            return "evaluate.langs", (f"{', '.join(missing)} not in {dataset} (its languages: {', '.join(LAREQA_SOURCES[dataset].langs)})")
     return None
 
 
@@ -394,7 +395,7 @@ def validate(params: dict, origin: str = "params.yaml") -> None:
     if error:
         fail(error)
     flat = {}
-    for name, spec in SCHEMA.items():
+    for name in SCHEMA:
         found, value, missing = _lookup(params, name)
         if not found:
             fail(f"{missing}: missing parameter{' group' if missing in GROUPS else ''}")

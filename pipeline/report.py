@@ -1,4 +1,5 @@
 """What the evaluation shows a person: the console tables and the plot files for `dvc plots`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,7 @@ def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], 
         ax.set_ylabel("query language")
         ax.set_title(f"{name}: mAP of X queries against Y passages")
         for (i, j), value in np.ndenumerate(scores.pair_map.to_numpy()):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if value > 0.6 else "white")
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
         fig.savefig(plots_dir / "heatmaps" / f"{name}.png", dpi=110)

@@ -4,6 +4,7 @@ A seeded sample of queries per language is perturbed (pipeline/noise.py) and sco
 again in all three settings against the same pool embeddings; only the queries a noise
 changed are re-encoded, never the pool.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,18 @@ from pipeline.lareqa import SETTINGS, RetrievalTask, sample_queries, score_task,
 from pipeline.noise import Noise, perturb
 
 
-def noise_robustness(model, task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, noises: list[Noise],
-                     query_prefix: str, batch_size: int, per_lang: int | None, seed: int, bf16: bool = False) -> dict:
+def noise_robustness(
+    model,
+    task: RetrievalTask,
+    queries: np.ndarray,
+    pool: np.ndarray,
+    noises: list[Noise],
+    query_prefix: str,
+    batch_size: int,
+    per_lang: int | None,
+    seed: int,
+    bf16: bool = False,
+) -> dict:
     """Mo./Cr./Mul. mAP of a query sample, clean and under each noise, with the drop from clean.
 
     Only queries a noise changed are encoded again; the pool embeddings are reused as they
@@ -35,9 +46,7 @@ def noise_robustness(model, task: RetrievalTask, queries: np.ndarray, pool: np.n
         noisy_queries = clean_queries.copy()
         if changed.any():
             print(f"  {noise.name}: encoding the {changed.sum()} changed of {len(rows)} queries")
-            embedded, index = encode_unique(
-                model, [query_prefix + text for text, c in zip(noisy_text, changed) if c], batch_size, bf16
-            )
+            embedded, index = encode_unique(model, [query_prefix + text for text, c in zip(noisy_text, changed) if c], batch_size, bf16)
             noisy_queries[changed] = embedded[index]
         noisy = settings_of(score_task(sample, noisy_queries, pool))
         unchanged = pd.Series(langs[~changed]).value_counts().reindex(task.langs, fill_value=0)

@@ -3,10 +3,10 @@
 `fetch` downloads (or reads from the mirror) and validates them into the tables of
 `pipeline/contracts.py`; `evaluate` and the params schema check dataset names here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,7 @@ class LareqaSource:
 XQUAD_R = LareqaSource(
     name="xquad_r",
     url_template=(
-        "https://raw.githubusercontent.com/google-research-datasets/lareqa/"
-        "9bc8c7fb6dd8d01d72a05a93c2cb96882b0d299c/xquad-r/{lang}.json"
+        "https://raw.githubusercontent.com/google-research-datasets/lareqa/9bc8c7fb6dd8d01d72a05a93c2cb96882b0d299c/xquad-r/{lang}.json"
     ),
     mirror_dir="lareqa/xquad-r",
     sha256={
@@ -48,8 +47,7 @@ XQUAD_R = LareqaSource(
 MLQA_R = LareqaSource(
     name="mlqa_r",
     url_template=(
-        "https://raw.githubusercontent.com/google-research-datasets/lareqa/"
-        "354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r/{lang}.json"
+        "https://raw.githubusercontent.com/google-research-datasets/lareqa/354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r/{lang}.json"
     ),
     mirror_dir="lareqa/mlqa-r",
     sha256={

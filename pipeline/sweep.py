@@ -8,6 +8,7 @@ It reads every experiment of the current commit through `dvc.api.exp_show` and w
 `<out>.csv` (one row per experiment) and `<out>.png`. `sampler.unit: pair` runs are
 drawn as separate markers, the zero-shot base model (metrics/eval_base.json) as dashed lines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,17 @@ def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS
         if ratio is None or figures["multi_map"] is None:
             continue  # queued, failed, or evaluated on other datasets
         figures |= {f"base_{key}": _metric(exp, f"{dataset}.{key}", BASE_FILE, unprefixed) for key in FIGURES}
-        rows.append({"experiment": exp.get("Experiment") or exp.get("rev"), "ratio": ratio,
-                     "unit": _param(exp, "sampler.unit") or "batch",
-                     **{k: float("nan") if v is None else v for k, v in figures.items()},
-                     "named": bool(exp.get("Experiment"))})
+        rows.append(
+            {
+                "experiment": exp.get("Experiment") or exp.get("rev"),
+                "ratio": ratio,
+                "unit": _param(exp, "sampler.unit") or "batch",
+                **{k: float("nan") if v is None else v for k, v in figures.items()},
+                "named": bool(exp.get("Experiment")),
+            }
+        )
     if not rows:
-        raise PipelineError(f"no finished experiment has {dataset} metrics in {METRICS_FILE} "
-                            "(run the sweep in README first)")
+        raise PipelineError(f"no finished experiment has {dataset} metrics in {METRICS_FILE} (run the sweep in README first)")
     table = pd.DataFrame(rows).sort_values("named", ascending=False, kind="stable")
     table = table.drop_duplicates(["ratio", "unit", *FIGURES]).drop(columns="named")
     return table.sort_values(["unit", "ratio"], kind="stable").reset_index(drop=True)

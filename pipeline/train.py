@@ -18,6 +18,7 @@ chunks without a graph, take the loss's gradient with respect to the embeddings,
 re-embed each chunk with its gradient, so a batch of 4096 pairs needs the memory of
 `chunk_size` pairs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -101,7 +102,9 @@ def loss_and_embedding_grads(queries: torch.Tensor, passages: torch.Tensor, temp
     return loss.detach(), queries.grad, passage_grad[offset : offset + len(passages)]
 
 
-def contrastive_step(model, queries: list[str], passages: list[str], temperature: float, world: World, chunk_size: int | None, bf16: bool) -> torch.Tensor:
+def contrastive_step(
+    model, queries: list[str], passages: list[str], temperature: float, world: World, chunk_size: int | None, bf16: bool
+) -> torch.Tensor:
     """Accumulate the gradient of one planned batch (this rank's share) into the model; returns this rank's loss.
 
     With `chunk_size`, embeddings are first computed chunk by chunk without a graph and
@@ -332,7 +335,9 @@ def train_config(params: dict) -> TrainConfig:
 
 
 def main() -> None:
-    parser = stage_parser(__doc__, base=str(BASE_MODEL_DIR), out="models/retriever", metrics="metrics/train.json", live="metrics/train_live")
+    parser = stage_parser(
+        __doc__, base=str(BASE_MODEL_DIR), out="models/retriever", metrics="metrics/train.json", live="metrics/train_live"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
     args = parser.parse_args()
     params = load_params(args.params)
@@ -350,7 +355,9 @@ def main() -> None:
     world = init_world(param(params, "train.rendezvous_timeout_s"))
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     fingerprint = run_fingerprint(
-        PLAN_PATH.read_bytes(), PAIRS_PATH.read_bytes(), json.dumps(asdict(config), sort_keys=True).encode(),
+        PLAN_PATH.read_bytes(),
+        PAIRS_PATH.read_bytes(),
+        json.dumps(asdict(config), sort_keys=True).encode(),
         Path(args.base, "model.safetensors").read_bytes() if Path(args.base, "model.safetensors").exists() else b"",
     )
     run = TrainRun(checkpoint=CHECKPOINT_PATH, resume=args.resume, fingerprint=fingerprint, world=world)
@@ -364,6 +371,7 @@ def main() -> None:
         model = load_model(args.base, config.max_length, device)
         # A fresh log, refilled from the checkpoint's history: never trust what a kill left of it.
         with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False, resume=False) as live:
+
             def log(step: int, metrics: dict) -> None:
                 live.step = step
                 for name, value in metrics.items():

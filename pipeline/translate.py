@@ -18,6 +18,7 @@ Outputs, under `data/parallel/`: `questions.parquet` and `candidates.parquet` (t
 source's layout, one language per translation) and `pairs.parquet`, one row per
 (group, language) with the question and its positive passage (the answer sentence).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,10 +34,29 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_outputs, atomic_path, first_line, load_params, param, read_parquet, run_stage, stage_parser, write_json, write_parquet
+from pipeline.common import (
+    PipelineError,
+    atomic_outputs,
+    atomic_path,
+    first_line,
+    load_params,
+    param,
+    read_parquet,
+    run_stage,
+    stage_parser,
+    write_json,
+    write_parquet,
+)
 from pipeline.contracts import (
-    CANDIDATES_SCHEMA, PAIRS_PATH, PAIRS_SCHEMA, PARALLEL_CANDIDATES_PATH, PARALLEL_QUESTIONS_PATH, QUESTIONS_SCHEMA,
-    pairs_stamp, raw_stamp, raw_tables,
+    CANDIDATES_SCHEMA,
+    PAIRS_PATH,
+    PAIRS_SCHEMA,
+    PARALLEL_CANDIDATES_PATH,
+    PARALLEL_QUESTIONS_PATH,
+    QUESTIONS_SCHEMA,
+    pairs_stamp,
+    raw_stamp,
+    raw_tables,
 )  # fmt: skip
 from pipeline.languages import NLLB_CODES
 from pipeline.sources import SQUAD_SOURCES
@@ -54,9 +74,7 @@ def nllb_code(lang: str, field: str = "translate.langs") -> str:
     try:
         return NLLB_CODES[lang]
     except KeyError:
-        raise PipelineError(
-            f"params.yaml: {field}: unknown language code '{lang}' (known: {', '.join(sorted(NLLB_CODES))})"
-        ) from None
+        raise PipelineError(f"params.yaml: {field}: unknown language code '{lang}' (known: {', '.join(sorted(NLLB_CODES))})") from None
 
 
 def text_hash(text: str) -> str:
@@ -65,14 +83,10 @@ def text_hash(text: str) -> str:
 
 def pairs_from_source(questions: pa.Table, candidates: pa.Table) -> pa.Table:
     """Join every question with its answer sentence in the same language."""
-    keyed = candidates.select(["lang", "candidate", "sentence"]).rename_columns(
-        ["lang", "answer_candidate", "passage"]
-    )
+    keyed = candidates.select(["lang", "candidate", "sentence"]).rename_columns(["lang", "answer_candidate", "passage"])
     joined = questions.join(keyed, keys=["lang", "answer_candidate"], join_type="inner")
     if joined.num_rows != questions.num_rows:
-        raise PipelineError(
-            f"{questions.num_rows - joined.num_rows} questions point at a candidate that does not exist"
-        )
+        raise PipelineError(f"{questions.num_rows - joined.num_rows} questions point at a candidate that does not exist")
     return joined.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA).sort_by([("group_id", "ascending"), ("lang", "ascending")])
 
 
@@ -141,9 +155,7 @@ class NllbTranslator:
         from transformers import AutoTokenizer
 
         device_index = list(range(ctranslate2.get_cuda_device_count())) if device == "cuda" else [0]
-        self.translator = ctranslate2.Translator(
-            str(model_dir), device=device, device_index=device_index, compute_type=compute_type
-        )
+        self.translator = ctranslate2.Translator(str(model_dir), device=device, device_index=device_index, compute_type=compute_type)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.options = options
         self.truncated = 0  # inputs cut to max_input_tokens
@@ -170,10 +182,7 @@ class NllbTranslator:
             max_batch_size=self.options.max_batch_tokens,
             batch_type="tokens",
         )
-        return [
-            self.tokenizer.decode(self.tokenizer.convert_tokens_to_ids(r.hypotheses[0][1:]), skip_special_tokens=True)
-            for r in results
-        ]
+        return [self.tokenizer.decode(self.tokenizer.convert_tokens_to_ids(r.hypotheses[0][1:]), skip_special_tokens=True) for r in results]
 
 
 @dataclass
@@ -258,7 +267,9 @@ def quality_report(mt_pairs: pd.DataFrame, human_pairs: pd.DataFrame) -> dict[st
     return report
 
 
-def machine_translate(params: dict, source: str, questions: pd.DataFrame, candidates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def machine_translate(
+    params: dict, source: str, questions: pd.DataFrame, candidates: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Translate the source language's questions and candidates into translate.langs; returns them with a report."""
     source_lang = param(params, "translate.source_lang")
     nllb_code(source_lang, "translate.source_lang")
@@ -291,7 +302,11 @@ def machine_translate(params: dict, source: str, questions: pd.DataFrame, candid
     counts = TranslationCounts()
     translate = cached_translate(engine, TranslationCache(CACHE_PATH), model_key, source_lang, counts)
     out_q, out_c = translate_corpus(src_q, src_c, targets, translate)
-    for what, n in (("were empty", counts.empty_inputs), ("came back empty", counts.empty_outputs), (f"were cut to {options.max_input_tokens} tokens", engine.truncated)):
+    for what, n in (
+        ("were empty", counts.empty_inputs),
+        ("came back empty", counts.empty_outputs),
+        (f"were cut to {options.max_input_tokens} tokens", engine.truncated),
+    ):
         if n:
             print(f"warning: {n} source texts {what}", file=sys.stderr)
     report = {
@@ -315,9 +330,7 @@ def main() -> None:
     source = param(params, "data.train")
     model = param(params, "translate.model")
     if source in SQUAD_SOURCES and model is None:
-        raise PipelineError(
-            f"params.yaml: translate.model: data.train={source} is English only; set an NLLB model to translate it"
-        )
+        raise PipelineError(f"params.yaml: translate.model: data.train={source} is English only; set an NLLB model to translate it")
     out_dir = Path(args.out).parent
     outputs = (out_dir / PARALLEL_QUESTIONS_PATH.name, out_dir / PARALLEL_CANDIDATES_PATH.name, args.out, args.metrics)
     with atomic_outputs(*outputs) as (questions_out, candidates_out, pairs_out, metrics_out):

@@ -1,4 +1,5 @@
 """Fixtures shared by every test module; the builders themselves are in tests/helpers.py."""
+
 from __future__ import annotations
 
 from pathlib import Path

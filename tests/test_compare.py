@@ -1,5 +1,6 @@
 """Tests of `compare`: headline figures by hand, the bootstrap's coverage and the test's size on
 synthetic runs, pooling by seed, and reading past revisions through DVC in a throwaway repo."""
+
 from __future__ import annotations
 
 import os
@@ -14,13 +15,13 @@ import pytest
 
 from pipeline import compare as cmp
 from pipeline.common import PipelineError, run_stage, write_parquet
-from pipeline.compare import QUERIES_SCHEMA, Entry, compare, group_entries, headline, holm, plot_forest, read_queries
+from pipeline.compare import Entry, compare, group_entries, headline, holm, plot_forest, read_queries
+from pipeline.contracts import QUERIES_SCHEMA
 
 AP_FIGURES = ("mono_map", "cross_map", "multi_map")
 
 
-def synthetic(ids: list[str], langs: list[str], latent: np.ndarray, rng: np.random.Generator,
-              shift: float = 0.0) -> pd.DataFrame:
+def synthetic(ids: list[str], langs: list[str], latent: np.ndarray, rng: np.random.Generator, shift: float = 0.0) -> pd.DataFrame:
     """A per-query table like `evaluate`'s: every question in every language, all three settings.
 
     A question's `latent` difficulty (shared by two runs and by its translations) sets the mean
@@ -34,16 +35,20 @@ def synthetic(ids: list[str], langs: list[str], latent: np.ndarray, rng: np.rand
         p = np.repeat(latent[None, :], len(cells), axis=0).ravel()
         ap = rng.beta(k * p, k * (1 - p)) + shift
         multi = setting == "multi"
-        parts.append(pd.DataFrame({
-            "setting": setting,
-            "query_lang": np.repeat([x for x, _ in cells], n),
-            "passage_lang": np.repeat([y for _, y in cells], n),
-            "question_id": np.tile(ids, len(cells)),
-            "ap": ap,
-            "recall_at_1": np.nan if multi else (ap > 0.5).astype(float),
-            "recall_at_10": rng.beta(k * p, k * (1 - p)) if multi else np.nan,
-            "rank_distance": rng.gamma(2.0, 300 * (1.2 - p)) if multi else np.nan,
-        }))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "setting": setting,
+                    "query_lang": np.repeat([x for x, _ in cells], n),
+                    "passage_lang": np.repeat([y for _, y in cells], n),
+                    "question_id": np.tile(ids, len(cells)),
+                    "ap": ap,
+                    "recall_at_1": np.nan if multi else (ap > 0.5).astype(float),
+                    "recall_at_10": rng.beta(k * p, k * (1 - p)) if multi else np.nan,
+                    "rank_distance": rng.gamma(2.0, 300 * (1.2 - p)) if multi else np.nan,
+                }
+            )
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -121,15 +126,20 @@ def test_pooling_by_seed_reports_the_seeds_mean_and_sd():
     rng = np.random.default_rng(7)
     ids = [f"q{i}" for i in range(150)]
     latent = rng.beta(2.0, 2.0, len(ids)) * 0.9 + 0.05
-    runs = {f"{name}-s{s}": synthetic(ids, ["en", "de"], latent, rng, shift)
-            for name, shift in (("hybrid", 0.0), ("mono", 0.05)) for s in range(3)}
-    params = {name: {"seed": int(name[-1]), "sampler.ratio": 0.5 if name.startswith("hybrid") else 1.0,
-                     "sampler.unit": "batch"} for name in runs}
+    runs = {
+        f"{name}-s{s}": synthetic(ids, ["en", "de"], latent, rng, shift)
+        for name, shift in (("hybrid", 0.0), ("mono", 0.05))
+        for s in range(3)
+    }
+    params = {
+        name: {"seed": int(name[-1]), "sampler.ratio": 0.5 if name.startswith("hybrid") else 1.0, "sampler.unit": "batch"} for name in runs
+    }
     groups = group_entries(list(runs), params, "seed")
-    assert groups == [("sampler.ratio=0.5", ["hybrid-s0", "hybrid-s1", "hybrid-s2"]),
-                      ("sampler.ratio=1.0", ["mono-s0", "mono-s1", "mono-s2"])]
-    result, _ = compare([Entry(label, members, [runs[m] for m in members]) for label, members in groups],
-                        resamples=300)
+    assert groups == [
+        ("sampler.ratio=0.5", ["hybrid-s0", "hybrid-s1", "hybrid-s2"]),
+        ("sampler.ratio=1.0", ["mono-s0", "mono-s1", "mono-s2"]),
+    ]
+    result, _ = compare([Entry(label, members, [runs[m] for m in members]) for label, members in groups], resamples=300)
     result = result.set_index("figure")
     for side, (_, members) in zip("ab", groups):
         for f in cmp.FIGURES:
@@ -140,7 +150,8 @@ def test_pooling_by_seed_reports_the_seeds_mean_and_sd():
             # Same questions in every seed: the pooled figure is the seeds' mean.
             assert result.loc[f, side] == pytest.approx(np.mean(per_seed))
     assert result.loc["mono_map", "difference"] == pytest.approx(
-        result.loc["mono_map", "b_seeds_mean"] - result.loc["mono_map", "a_seeds_mean"])
+        result.loc["mono_map", "b_seeds_mean"] - result.loc["mono_map", "a_seeds_mean"]
+    )
     # A group of several seeds is labelled by its first run where params alone do not tell groups apart.
     same = {name: {"seed": 1, "lr": 1} for name in ("x", "y")}
     assert group_entries(["x", "y"], same, "seed") == [("x", ["x", "y"])]
@@ -178,12 +189,15 @@ def test_forest_plot_draws_each_interval(tmp_path):
     assert points[:, 0] == pytest.approx(mono["difference"].to_numpy())
     bars = [c.lines[2][0].get_segments()[0] for c in fig.axes[0].containers]  # each interval's line
     assert np.array([(lo[0], hi[0]) for lo, hi in bars]) == pytest.approx(mono[["ci_low", "ci_high"]].to_numpy())
-    assert any(list(line.get_xdata()) == [0, 0] and list(line.get_ydata()) == [0, 1]  # zero marked (axvline)
-               for line in fig.axes[0].lines)
+    assert any(
+        list(line.get_xdata()) == [0, 0] and list(line.get_ydata()) == [0, 1]  # zero marked (axvline)
+        for line in fig.axes[0].lines
+    )
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(mono["comparison"])
 
 
 # --- reading past revisions through DVC ------------------------------------------------
+
 
 def _sh(repo: Path, *cmd: str) -> None:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
@@ -248,7 +262,8 @@ def test_cli_compares_a_past_revision_with_the_workspace(dvc_repo, monkeypatch, 
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: HEAD~1: metrics/eval_queries/mlqa_r.parquet not found at that revision nor in the DVC cache "
-        "(run it with `dvc exp run`/`dvc repro`, or `dvc pull`)")
+        "(run it with `dvc exp run`/`dvc repro`, or `dvc pull`)"
+    )
     monkeypatch.setattr(sys, "argv", ["compare", "HEAD~1"])
     with pytest.raises(SystemExit):
         run_stage(cmp.main)
@@ -258,8 +273,9 @@ def test_cli_compares_a_past_revision_with_the_workspace(dvc_repo, monkeypatch, 
 def test_cli_pools_revisions_that_differ_only_in_seed(dvc_repo, monkeypatch, capsys):
     repo, a = dvc_repo
     monkeypatch.chdir(repo)
-    monkeypatch.setattr(sys, "argv", ["compare", "HEAD~2", "HEAD~1", "workspace", "--group", "seed",
-                                      "--resamples", "200", "--out", "out/pooled"])
+    monkeypatch.setattr(
+        sys, "argv", ["compare", "HEAD~2", "HEAD~1", "workspace", "--group", "seed", "--resamples", "200", "--out", "out/pooled"]
+    )
     run_stage(cmp.main)
     printed = capsys.readouterr().out
     assert "Note: sampler.ratio=0.5 pools HEAD~2, HEAD~1." in printed

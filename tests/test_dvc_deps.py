@@ -2,6 +2,7 @@
 (transitively, within pipeline/) is a dependency, and every listed module is imported.
 
 An edit to a module a stage imports must rerun the stage; an edit to one it does not must not."""
+
 from __future__ import annotations
 
 import ast
@@ -71,9 +72,7 @@ def test_a_removed_or_stale_dependency_is_found(dvc_yaml):
         "train: imports pipeline/contracts.py but does not list it"
     ]
     stale = [*stage["deps"], "pipeline/batches.py"]
-    assert dependency_errors({"stages": {"train": {**stage, "deps": stale}}}) == [
-        "train: lists pipeline/batches.py but does not import it"
-    ]
+    assert dependency_errors({"stages": {"train": {**stage, "deps": stale}}}) == ["train: lists pipeline/batches.py but does not import it"]
 
 
 def test_imports_are_followed_through_modules_and_functions(tmp_path):

@@ -1,4 +1,5 @@
 """Tests of the `fetch` stage on small real data: slices of the offline mirror and files the tests write."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,13 @@ def _slice(lang: str, articles: int = 2) -> dict:
 def _write_params(root: Path, **data) -> None:
     data = {"train": "xquad_r", "eval": ["xquad_r"], "squad": "x.json", "squad_split": "train", **data}
     model = {"translate.model": "models/nllb-ct2/any"} if data["train"] == "squad" else {}  # squad is translated
-    write_params(root, seed=1, **model, **{"evaluate.datasets": [d for d in data["eval"] if d != "squad"] or ["xquad_r"]},
-                 **{f"data.{k}": v for k, v in data.items()})
+    write_params(
+        root,
+        seed=1,
+        **model,
+        **{"evaluate.datasets": [d for d in data["eval"] if d != "squad"] or ["xquad_r"]},
+        **{f"data.{k}": v for k, v in data.items()},
+    )
 
 
 def _parquets(root: Path) -> list[Path]:
@@ -266,13 +272,9 @@ def test_missing_mirror_file(stage):
 def test_bad_params_subprocess_exits_2_with_one_line(tmp_path):
     _write_params(tmp_path, train="nope")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.fetch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-m", "pipeline.fetch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "error: params.yaml: data.train: 'nope' is not one of mlqa_r, squad, xquad_r"
-    ]
+    assert proc.stderr.strip().splitlines() == ["error: params.yaml: data.train: 'nope' is not one of mlqa_r, squad, xquad_r"]
     assert "Traceback" not in proc.stderr
 
 
@@ -356,11 +358,7 @@ SQUAD_QAS = [  # (context, id, question, answer text, answer_start, expected ans
 
 def _squad_doc() -> dict:
     def qas(ctx):
-        return [
-            {"id": i, "question": q, "answers": [{"text": t, "answer_start": s}]}
-            for c, i, q, t, s, _ in SQUAD_QAS
-            if c == ctx
-        ]
+        return [{"id": i, "question": q, "answers": [{"text": t, "answer_start": s}]} for c, i, q, t, s, _ in SQUAD_QAS if c == ctx]
 
     paragraphs = [{"context": ctx, "qas": qas(ctx)} for ctx in (P1, P2)]
     return {"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}
@@ -385,7 +383,8 @@ def _check_squad_tables(questions, candidates):
 def test_squad_local_json_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "squad.json").write_text(json.dumps(_squad_doc()), encoding="utf-8")
-    _write_params(tmp_path, train="squad", eval=[], squad="squad.json")
+    _write_params(tmp_path, train="squad", eval=["xquad_r"], squad="squad.json")
+    monkeypatch.setattr(fetch, "sources_to_fetch", lambda params: ["squad"])  # the evaluation data is another test's
     fetch.main()
     root = tmp_path / "data" / "raw" / "squad"
     questions = read_parquet(root / "questions.parquet", QUESTIONS_SCHEMA)

@@ -19,6 +19,7 @@ def _ranks(scores, relevant):
 
 # --- hand-worked examples -------------------------------------------------------
 
+
 def test_single_relevant_second():
     ranks = _ranks([[0.9, 0.5, 0.7, 0.1]], [[2]])
     assert ranks.tolist() == [[2]]
@@ -142,6 +143,7 @@ def test_recall_rejects_bad_k():
 
 # --- properties against brute force ---------------------------------------------
 
+
 def _brute_ap_sorted(scores_row, relevant_set):
     """Textbook AP: walk the list sorted by score, average precision at each hit."""
     order = np.argsort(-scores_row, kind="stable")
@@ -215,10 +217,7 @@ def test_ranks_and_recall_match_brute_force(problem):
             want = 0 if c < 0 else int((scores[q] >= scores[q, c]).sum())
             assert ranks[q, j] == want
     for k in (1, 3, 5):
-        expected = [
-            sum(int((s >= s[c]).sum()) <= k for c in rel) / len(rel)
-            for s, rel in zip(scores, _rel_sets(idx))
-        ]
+        expected = [sum(int((s >= s[c]).sum()) <= k for c in rel) / len(rel) for s, rel in zip(scores, _rel_sets(idx))]
         np.testing.assert_allclose(recall_at_k(ranks, k), expected)
 
 

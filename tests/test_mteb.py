@@ -1,20 +1,20 @@
 """MTEB through the `evaluate` stage, offline: a slice of XQuAD-R from the mirror wrapped as an
 MTEB retrieval task defined here (no hub), scored by `mteb` and by the project's own code."""
+
 from __future__ import annotations
 
 import json
 import re
 
-import yaml
-
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 
 from pipeline import evaluate, fetch
+from pipeline.common import PipelineError
 from pipeline.encoding import load_model
 from pipeline.lareqa import RetrievalTask, build_task
-from pipeline.common import PipelineError
 from pipeline.metrics import ndcg_at_k, ranks_of
 from pipeline.mteb_tasks import resolve_tasks, run_tasks
 from tests.helpers import REPO, mirror_file, write_raw
@@ -116,8 +116,7 @@ def test_mteb_ndcg_matches_the_projects_own_within_1e4(lareqa_task, tiny_model_d
     assert report == json.loads(json.dumps(report))  # plain JSON for the metrics file
 
 
-def test_the_stage_writes_mteb_scores_into_its_metrics_file(lareqa_tables, lareqa_task, tiny_model_dir, tmp_path,
-                                                            monkeypatch):
+def test_the_stage_writes_mteb_scores_into_its_metrics_file(lareqa_tables, lareqa_task, tiny_model_dir, tmp_path, monkeypatch):
     write_raw(tmp_path, *lareqa_tables)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["evaluate"].update(mteb_tasks=["LocalXQuADRMultilingual"], mteb_langs=["deu"], noise=[])
@@ -134,18 +133,21 @@ def test_the_stage_writes_mteb_scores_into_its_metrics_file(lareqa_tables, lareq
     evaluate.main()
     assert asked == [(["LocalXQuADRMultilingual"], ["deu"])]
     report = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
-    assert set(report) == {"xquad_r", "mteb"} and "noise" not in report["xquad_r"]
+    assert set(report) == {"precision", "xquad_r", "mteb"} and "noise" not in report["xquad_r"]
     own = own_ndcg_at_10(load_model(str(tiny_model_dir), 128), lareqa_task, PREFIXES)
     scores = report["mteb"]["LocalXQuADRMultilingual"]  # dvc: mteb.LocalXQuADRMultilingual.de.test.ndcg_at_10
     assert {lang: scores[lang]["test"]["ndcg_at_10"] for lang in LANGS} == pytest.approx(own, abs=1e-4)
 
 
-@pytest.mark.parametrize(("names", "langs", "match"), [
-    (["NoSuchRetrieval"], None, "params.yaml: evaluate.mteb_tasks: unknown MTEB task 'NoSuchRetrieval'"),
-    (["XQuADRetrieval"], ["xxx"], "params.yaml: evaluate.mteb_langs: XQuADRetrieval: Invalid language code: xxx"),
-    (["XQuADRetrieval"], ["fra"], "params.yaml: evaluate.mteb_langs: XQuADRetrieval: No subsets were found"),
-    (["STS22"], None, "params.yaml: evaluate.mteb_tasks: STS22 is a STS task; only retrieval tasks"),
-])
+@pytest.mark.parametrize(
+    ("names", "langs", "match"),
+    [
+        (["NoSuchRetrieval"], None, "params.yaml: evaluate.mteb_tasks: unknown MTEB task 'NoSuchRetrieval'"),
+        (["XQuADRetrieval"], ["xxx"], "params.yaml: evaluate.mteb_langs: XQuADRetrieval: Invalid language code: xxx"),
+        (["XQuADRetrieval"], ["fra"], "params.yaml: evaluate.mteb_langs: XQuADRetrieval: No subsets were found"),
+        (["STS22"], None, "params.yaml: evaluate.mteb_tasks: STS22 is a STS task; only retrieval tasks"),
+    ],
+)
 def test_bad_mteb_params_fail_with_one_line(names, langs, match):
     with pytest.raises(PipelineError, match=re.escape(match)) as err:
         resolve_tasks(names, langs)

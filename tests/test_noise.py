@@ -1,5 +1,6 @@
 """Tests of the noisy-query robustness report: the perturbations themselves, the query sample,
 and that only perturbed queries are encoded again."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from hypothesis import strategies as st
 
 from pipeline import evaluate
 from pipeline.lareqa import RetrievalTask, sample_queries, score_task, settings_of, subset_queries
-from pipeline.robustness import noise_robustness
 from pipeline.noise import Noise, perturb, strip_diacritics, typo
+from pipeline.robustness import noise_robustness
 from tests.helpers import mirror_file
 
 NOISES = [Noise.parse(name) for name in ("typo_0.05", "typo_0.15", "no_diacritics", "lowercase")]
@@ -26,6 +27,7 @@ def _questions(lang: str, n: int = 200) -> list[str]:
 
 # --- parsing ---------------------------------------------------------------------------
 
+
 def test_noise_names_parse():
     assert Noise.parse("typo_0.05") == Noise("typo_0.05", "typo", 0.05)
     assert Noise.parse("typo_1") == Noise("typo_1", "typo", 1.0)
@@ -33,19 +35,23 @@ def test_noise_names_parse():
     assert Noise.parse("lowercase") == Noise("lowercase", "lowercase")
 
 
-@pytest.mark.parametrize(("name", "match"), [
-    ("typo_0", r"'typo_0': a typo rate must be a number in \(0, 1\]"),
-    ("typo_1.5", "a typo rate must be"),
-    ("typo_x", "a typo rate must be"),
-    ("typo", "a typo rate must be"),
-    ("blur", r"unknown noise 'blur' \(known: typo_<rate>, no_diacritics, lowercase\)"),
-])
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("typo_0", r"'typo_0': a typo rate must be a number in \(0, 1\]"),
+        ("typo_1.5", "a typo rate must be"),
+        ("typo_x", "a typo rate must be"),
+        ("typo", "a typo rate must be"),
+        ("blur", r"unknown noise 'blur' \(known: typo_<rate>, no_diacritics, lowercase\)"),
+    ],
+)
 def test_bad_noise_names(name, match):
     with pytest.raises(ValueError, match=match):
         Noise.parse(name)
 
 
 # --- typos -----------------------------------------------------------------------------
+
 
 def _letters_removed(text: str) -> str:
     return "".join(ch for ch in text if not ch.isalpha())
@@ -90,17 +96,21 @@ def test_typo_rate_is_the_share_of_letters_edited(lang):
 
 # --- diacritics and case -----------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "want"), [
-    ("¿Cuántos balones interceptó?", "¿Cuantos balones intercepto?"),
-    ("Wie viele Bälle fing er ab?", "Wie viele Balle fing er ab?"),
-    ("Πόσους πόντους παρέδωσε;", "Ποσους ποντους παρεδωσε;"),
-    ("Panthers savunması kaç sayı bırakmıştır?", "Panthers savunması kac sayı bırakmıstır?"),  # ı has no dot to strip
-    ("Đội thủ đã thua bao nhiêu điểm?", "Đoi thu đa thua bao nhieu điem?"),
-    ("От чего всё зависят аптекари?", "От чего все зависят аптекари?"),
-    ("Йошкар-Ола", "Йошкар-Ола"),  # the breve of й makes another letter: kept
-    ("كم عدد الاعتراضات التي سُجلت؟", "كم عدد الاعتراضات التي سجلت؟"),  # damma is optional
-    ("أين ولد؟", "أين ولد؟"),  # hamza is part of the letter
-])
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("¿Cuántos balones interceptó?", "¿Cuantos balones intercepto?"),
+        ("Wie viele Bälle fing er ab?", "Wie viele Balle fing er ab?"),
+        ("Πόσους πόντους παρέδωσε;", "Ποσους ποντους παρεδωσε;"),
+        ("Panthers savunması kaç sayı bırakmıştır?", "Panthers savunması kac sayı bırakmıstır?"),  # ı has no dot to strip
+        ("Đội thủ đã thua bao nhiêu điểm?", "Đoi thu đa thua bao nhieu điem?"),
+        ("От чего всё зависят аптекари?", "От чего все зависят аптекари?"),
+        ("Йошкар-Ола", "Йошкар-Ола"),  # the breve of й makes another letter: kept
+        ("كم عدد الاعتراضات التي سُجلت؟", "كم عدد الاعتراضات التي سجلت؟"),  # damma is optional
+        ("أين ولد؟", "أين ولد؟"),  # hamza is part of the letter
+    ],
+)
 def test_strip_diacritics_examples(text, want):
     assert strip_diacritics(text) == want
 
@@ -120,6 +130,7 @@ def test_lowercase():
 
 
 # --- the query sample ------------------------------------------------------------------
+
 
 def _task(langs: list[str], per_lang: list[int], texts: list[str] | None = None) -> RetrievalTask:
     """Queries of each language answered by candidate i of every language (a parallel pool)."""
@@ -161,6 +172,7 @@ def test_subset_queries_keeps_the_pool():
 
 
 # --- the report: only perturbed queries are encoded again ---------------------------------
+
 
 class CharModel:
     """Stands in for a SentenceTransformer: a normalized bag of characters; records every call."""
@@ -210,8 +222,4 @@ def test_noise_report_encodes_only_changed_queries_and_matches_a_full_re_encodin
     assert report["no_diacritics"]["unchanged"] == 16  # nothing to strip in either
     assert report["no_diacritics"]["multi_drop"] == 0.0
     # encoded in the report: each distinct changed query once per noise that changed it, nothing else
-    assert len(model.encoded) == sum(
-        len({perturb(t, n, 0) for t in sample.query_text if perturb(t, n, 0) != t}) for n in NOISES
-    )
-
-
+    assert len(model.encoded) == sum(len({perturb(t, n, 0) for t in sample.query_text if perturb(t, n, 0) != t}) for n in NOISES)

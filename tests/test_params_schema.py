@@ -5,6 +5,7 @@ Every case edits a copy of the repo's params.yaml. The coverage tests keep the s
 and this table in step with params.yaml: every parameter there has a schema entry and
 at least one bad-value case here, and no schema entry is stale.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,8 @@ from ctranslate2.converters.converter import ACCEPTED_MODEL_TYPES
 
 from pipeline import params_schema
 from pipeline.common import PipelineError, load_params, run_stage
-from pipeline.params_schema import MAX_PLAN_ROWS, SCHEMA, leaves, validate
 from pipeline.languages import NLLB_CODES
+from pipeline.params_schema import MAX_PLAN_ROWS, SCHEMA, leaves, validate
 from tests.helpers import REPO
 
 REPO_PARAMS = load_params(REPO / "params.yaml")
@@ -94,15 +95,22 @@ VALUE_CASES = [
     ({"evaluate.datasets": []}, "evaluate.datasets: the list is empty: name at least one dataset name"),
     ({"evaluate.datasets": None}, "evaluate.datasets: expected a list of dataset names, got null"),
     ({"evaluate.datasets": ["squad"]}, "evaluate.datasets[0]: 'squad' is not one of mlqa_r, xquad_r"),
-    ({"data.train": "xquad_r", "evaluate.datasets": ["mlqa_r"]},
-     "evaluate.datasets: 'mlqa_r' is not fetched: add it to data.eval (or make it data.train)"),
-    ({"evaluate.langs": []}, "evaluate.langs: the list is empty: name at least one language code, or null for every language of the dataset"),
+    (
+        {"data.train": "xquad_r", "evaluate.datasets": ["mlqa_r"]},
+        "evaluate.datasets: 'mlqa_r' is not fetched: add it to data.eval (or make it data.train)",
+    ),
+    (
+        {"evaluate.langs": []},
+        "evaluate.langs: the list is empty: name at least one language code, or null for every language of the dataset",
+    ),
     ({"evaluate.langs": "en"}, "evaluate.langs: expected a list of language codes or null, got the string 'en'"),
     ({"evaluate.langs": ["en", "en"]}, "evaluate.langs: repeated: en"),
     ({"evaluate.langs": ["en", 7]}, "evaluate.langs[1]: expected a string, got the integer 7"),
     ({"evaluate.langs": ["xx"]}, f"evaluate.langs: xx not in xquad_r (its languages: {XQUAD_LANGS})"),
-    ({"evaluate.datasets": ["xquad_r", "mlqa_r"], "evaluate.langs": ["el", "en"]},
-     f"evaluate.langs: el not in mlqa_r (its languages: {MLQA_LANGS})"),
+    (
+        {"evaluate.datasets": ["xquad_r", "mlqa_r"], "evaluate.langs": ["el", "en"]},
+        f"evaluate.langs: el not in mlqa_r (its languages: {MLQA_LANGS})",
+    ),
     ({"evaluate.batch_size": 0}, "evaluate.batch_size: 0 must be >= 1"),
     ({"evaluate.batch_size": "16"}, "evaluate.batch_size: expected an integer, got the string '16'"),
     ({"evaluate.batch_size": False}, "evaluate.batch_size: expected an integer, got the boolean false"),
@@ -117,19 +125,28 @@ VALUE_CASES = [
     ({"evaluate.noise_queries": 1.5}, "evaluate.noise_queries: expected an integer or null, got the number 1.5"),
     ({"evaluate.noise_seed": -1}, "evaluate.noise_seed: -1 is outside [0, 4294967295]"),
     ({"evaluate.noise_seed": "0"}, "evaluate.noise_seed: expected an integer, got the string '0'"),
-    ({"evaluate.mteb_tasks": "XQuADRetrieval"}, "evaluate.mteb_tasks: expected a list of MTEB task names or null, got the string 'XQuADRetrieval'"),
+    (
+        {"evaluate.mteb_tasks": "XQuADRetrieval"},
+        "evaluate.mteb_tasks: expected a list of MTEB task names or null, got the string 'XQuADRetrieval'",
+    ),
     ({"evaluate.mteb_tasks": [""]}, "evaluate.mteb_tasks[0]: expected a non-empty string, got the string ''"),
-    ({"evaluate.mteb_langs": []},
-     "evaluate.mteb_langs: the list is empty: name at least one ISO 639-3 language code, or null for every language of those tasks"),
-    ({"evaluate.mteb_langs": ["de"]},
-     "evaluate.mteb_langs[0]: 'de' is not an ISO 639-3 code (three lower-case letters, e.g. deu, or with a script, e.g. deu-Latn)"),
+    (
+        {"evaluate.mteb_langs": []},
+        "evaluate.mteb_langs: the list is empty: name at least one ISO 639-3 language code, or null for every language of those tasks",
+    ),
+    (
+        {"evaluate.mteb_langs": ["de"]},
+        "evaluate.mteb_langs[0]: 'de' is not an ISO 639-3 code (three lower-case letters, e.g. deu, or with a script, e.g. deu-Latn)",
+    ),
     ({"translate.model": ""}, "translate.model: expected a non-empty string, got the string ''"),
     ({"translate.model": 5}, "translate.model: expected a string or null, got the integer 5"),
     ({"data.train": "squad"}, "translate.model: data.train=squad is English only; set an NLLB model to translate it"),
     ({"translate.source_lang": "xx"}, f"translate.source_lang: 'xx' is not one of {NLLB}"),
     ({"translate.source_lang": "eng"}, f"translate.source_lang: 'eng' is not one of {NLLB} (did you mean en?)"),
-    ({"translate.model": "facebook/nllb-200-distilled-600M", "translate.source_lang": "el"},
-     f"translate.source_lang: 'el' is not a language of data.train=mlqa_r (its languages: {MLQA_LANGS})"),
+    (
+        {"translate.model": "facebook/nllb-200-distilled-600M", "translate.source_lang": "el"},
+        f"translate.source_lang: 'el' is not a language of data.train=mlqa_r (its languages: {MLQA_LANGS})",
+    ),
     ({"translate.langs": ["de", "xx"]}, f"translate.langs[1]: 'xx' is not one of {NLLB}"),
     ({"translate.langs": "de"}, "translate.langs: expected a list of language codes, got the string 'de'"),
     ({"translate.langs": []}, "translate.langs: the list is empty: name at least one language code"),
@@ -151,15 +168,27 @@ VALUE_CASES = [
     ({"sampler.batch_size": 16.0}, "sampler.batch_size: expected an integer, got the number 16.0"),
     ({"sampler.batch_size": 16, "train.processes": 3}, "sampler.batch_size: 16 is not divisible by the 3 processes (train.processes)"),
     ({"sampler.steps": 0}, "sampler.steps: 0 must be >= 1"),
-    ({"sampler.steps": 10**12, "sampler.batch_size": 16},
-     ("sampler.steps: 1000000000000 steps x 16 pairs (sampler.batch_size) = 16,000,000,000,000 planned rows, "
-      "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)")),
-    ({"sampler.steps": 10**9, "sampler.batch_size": 16},
-     ("sampler.steps: 1000000000 steps x 16 pairs (sampler.batch_size) = 16,000,000,000 planned rows, "
-      "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)")),
-    ({"sampler.steps": 3_125_001, "sampler.batch_size": 16},
-     ("sampler.steps: 3125001 steps x 16 pairs (sampler.batch_size) = 50,000,016 planned rows, "
-      "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)")),
+    (
+        {"sampler.steps": 10**12, "sampler.batch_size": 16},
+        (
+            "sampler.steps: 1000000000000 steps x 16 pairs (sampler.batch_size) = 16,000,000,000,000 planned rows, "
+            "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)"
+        ),
+    ),
+    (
+        {"sampler.steps": 10**9, "sampler.batch_size": 16},
+        (
+            "sampler.steps: 1000000000 steps x 16 pairs (sampler.batch_size) = 16,000,000,000 planned rows, "
+            "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)"
+        ),
+    ),
+    (
+        {"sampler.steps": 3_125_001, "sampler.batch_size": 16},
+        (
+            "sampler.steps: 3125001 steps x 16 pairs (sampler.batch_size) = 50,000,016 planned rows, "
+            "more than the 50,000,000 a plan may hold (the plan and its texts are built in memory)"
+        ),
+    ),
     ({"train.lr": math.inf}, "train.lr: inf is not a finite number"),
     ({"train.lr": -math.inf}, "train.lr: -inf is not a finite number"),
     ({"train.lr": math.nan}, "train.lr: nan is not a finite number"),
@@ -176,9 +205,14 @@ VALUE_CASES = [
     ({"train.processes": 0}, "train.processes: 0 must be >= 1"),
     ({"train.processes": True}, "train.processes: expected an integer, got the boolean true"),
     ({"train.chunk_size": 0}, "train.chunk_size: 0 must be >= 1"),
-    ({"train.chunk_size": 32, "sampler.batch_size": 16}, "train.chunk_size: 32 is larger than the 16 pairs each of the 1 processes embeds per batch"),
-    ({"train.chunk_size": 16, "sampler.batch_size": 16, "train.processes": 2},
-     "train.chunk_size: 16 is larger than the 8 pairs each of the 2 processes embeds per batch"),
+    (
+        {"train.chunk_size": 32, "sampler.batch_size": 16},
+        "train.chunk_size: 32 is larger than the 16 pairs each of the 1 processes embeds per batch",
+    ),
+    (
+        {"train.chunk_size": 16, "sampler.batch_size": 16, "train.processes": 2},
+        "train.chunk_size: 16 is larger than the 8 pairs each of the 2 processes embeds per batch",
+    ),
     ({"train.rendezvous_timeout_s": 0}, "train.rendezvous_timeout_s: 0 is outside (0, 86400]"),
     ({"train.rendezvous_timeout_s": math.inf}, "train.rendezvous_timeout_s: inf is not a finite number"),
     ({"train.rendezvous_timeout_s": 1e9}, "train.rendezvous_timeout_s: 1000000000.0 is outside (0, 86400]"),
@@ -253,6 +287,7 @@ def test_every_param_has_a_bad_value_case():
 
 def test_yaml_spellings():
     """Values as YAML 1.1 (PyYAML, what load_params uses) reads them from the file."""
+
     def check(text: str) -> None:
         params = copy.deepcopy(REPO_PARAMS)
         params["train"].update(yaml.safe_load(text))
@@ -260,7 +295,9 @@ def test_yaml_spellings():
 
     with pytest.raises(PipelineError, match=r"^params\.yaml: train\.lr: inf is not a finite number$"):
         check("lr: .inf")
-    with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string '3e-5' (YAML reads 3e-5 as text: write 3.0e-5)")):
+    with pytest.raises(
+        PipelineError, match=re.escape("train.lr: expected a number, got the string '3e-5' (YAML reads 3e-5 as text: write 3.0e-5)")
+    ):
         check("lr: 3e-5")
     with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string 'inf'")):
         check("lr: inf")

@@ -1,13 +1,13 @@
 """Stages killed with SIGKILL mid-write or mid-run, resumption, and run-to-run determinism."""
+
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,7 +17,8 @@ import yaml
 
 from pipeline import train
 from pipeline.common import write_parquet
-from tests.helpers import CONFIG, load, make_pairs, make_plan, stage_dir
+from pipeline.contracts import pairs_stamp
+from tests.helpers import CONFIG, load, make_pairs, make_plan, stage_dir, write_params
 
 # Runs a stage with one library call replaced by "write part of the output, then die".
 DIE_MID_WRITE = textwrap.dedent(
@@ -27,6 +28,7 @@ DIE_MID_WRITE = textwrap.dedent(
     from sentence_transformers import SentenceTransformer
 
     def die(where):
+        os.makedirs(os.path.dirname(where) or ".", exist_ok=True)
         with open(where, "wb") as f:
             f.write(b"PAR1 half an output")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -70,37 +72,99 @@ def test_a_stage_killed_mid_write_leaves_the_previous_output_whole(tmp_path, tin
         assert load(cwd / outputs[0]).encode(["query: still loads"]).shape == (1, 32)
 
 
-def test_train_killed_by_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, tiny_model_dir):
-    """A real kill: SIGKILL as soon as the first checkpoint exists, then `--resume` (what dvc repro runs)."""
-    runs = {}
-    for name in ("uninterrupted", "killed"):
-        (tmp_path / name).mkdir()
-        cwd = stage_dir(tmp_path / name, tiny_model_dir)
-        pairs = make_pairs()
-        params = yaml.safe_load((cwd / "params.yaml").read_text())
-        params["sampler"].update(steps=40)
-        (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-        write_parquet(make_plan(pairs, steps=40), cwd / "data/batches/plan.parquet", made_by={"seed": params["seed"], "sampler": params["sampler"]})
-        command = [sys.executable, "-m", "pipeline.train", "--resume"]
-        if name == "killed":
-            proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            checkpoint = cwd / train.CHECKPOINT_PATH
-            deadline = time.monotonic() + 240
-            while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait() == -signal.SIGKILL
-            assert not (cwd / "models/retriever").exists()
-            step = torch.load(checkpoint, weights_only=False)["step"]
-            assert 2 <= step < 40
-        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        runs[name] = cwd
-    summary = json.loads((runs["killed"] / "metrics/train.json").read_text())
-    assert summary["resumed_from_step"] >= 2 and summary["steps"] == 40
-    a, b = (load(runs[n] / "models/retriever").state_dict() for n in ("uninterrupted", "killed"))
-    for name, weight in a.items():
-        assert torch.allclose(weight, b[name], atol=1e-6), name
+# Runs `train --resume` with a kill planted right after the checkpoint of step KILL_AFTER is saved:
+# deterministic, whatever the machine's speed (a timed kill is not).
+KILLED_AFTER_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline import train
+    from pipeline.common import run_stage
+
+    save, kill_after, signal_to_send = train.save_checkpoint, int(sys.argv[1]), sys.argv[2]
+
+    def save_then_die(path, step, *args, **kwargs):
+        save(path, step, *args, **kwargs)
+        if step == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL if signal_to_send == "kill" else signal.SIGINT)
+
+    train.save_checkpoint = save_then_die
+    sys.argv = ["train", "--resume"]
+    run_stage(train.main)
+    """
+)
+TRAIN = [sys.executable, "-m", "pipeline.train", "--resume"]
+
+
+def _loss_steps(cwd: Path) -> list[int]:
+    rows = (cwd / "metrics/train_live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    return [int(row.split("\t")[0]) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
+    cwd = stage_dir(tmp_path_factory.mktemp("uninterrupted"), tiny_model_dir, steps=12)
+    result = subprocess.run(TRAIN, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return cwd
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    first, second = (load(d / "models/retriever").state_dict() for d in (a, b))
+    for name, weight in first.items():
+        assert torch.allclose(weight, second[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("live_summary", ["kept", "empty", "half", "missing"])
+def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, tiny_model_dir, uninterrupted, live_summary):
+    """SIGKILL right after step 4's checkpoint, dvclive's summary left as a kill may leave it, then `--resume`
+    (what `dvc repro` runs): the same weights as a run never killed, and whole curves with no step twice."""
+    cwd = stage_dir(tmp_path, tiny_model_dir, steps=12)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "4", "kill"], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (cwd / "models/retriever").exists()
+    summary = cwd / "metrics/train_live/metrics.json"
+    if live_summary == "empty":
+        summary.write_bytes(b"")
+    elif live_summary == "half":
+        summary.write_bytes(summary.read_bytes()[:20])
+    elif live_summary == "missing":
+        shutil.rmtree(cwd / "metrics/train_live")  # as `dvc repro` deletes a stage's outputs before running it
+    result = subprocess.run(TRAIN, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((cwd / "metrics/train.json").read_text())["resumed_from_step"] == 4
+    _same_weights(uninterrupted, cwd)
+    assert _loss_steps(cwd) == list(range(1, 13))
+    assert (cwd / "metrics/train_live/plots/metrics/train/loss.tsv").read_text() == (
+        uninterrupted / "metrics/train_live/plots/metrics/train/loss.tsv"
+    ).read_text()
+
+
+def test_a_corrupt_checkpoint_is_ignored_with_one_line(tmp_path, tiny_model_dir, uninterrupted):
+    cwd = stage_dir(tmp_path, tiny_model_dir, steps=12)
+    checkpoint = cwd / train.CHECKPOINT_PATH
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"PK\x03\x04 half a zip archive")  # killed mid-save where rename is not atomic
+    result = subprocess.run(TRAIN, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "checkpoint" in line]
+    assert line.startswith(f"{train.CHECKPOINT_PATH}: unusable checkpoint (PytorchStreamReader failed reading zip archive")
+    assert line.endswith("); ignored, training from step 0")
+    assert json.loads((cwd / "metrics/train.json").read_text())["resumed_from_step"] == 0
+    _same_weights(uninterrupted, cwd)
+
+
+def test_ctrl_c_during_train_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
+    cwd = stage_dir(tmp_path, tiny_model_dir, steps=12)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "2", "interrupt"], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines()[-1] == "interrupted: no output of this stage was replaced"
+    assert "Traceback" not in result.stderr
+    assert not (cwd / "models/retriever").exists() and not (cwd / "metrics/train.json").exists()
+    assert torch.load(cwd / train.CHECKPOINT_PATH, weights_only=True)["step"] == 2  # rerun resumes from it
 
 
 def test_training_twice_with_one_seed_gives_the_same_weights_on_cpu(tiny_model_dir):
@@ -115,3 +179,32 @@ def test_training_twice_with_one_seed_gives_the_same_weights_on_cpu(tiny_model_d
     assert abs(loss_a - loss_b) < 1e-6
     for name, weight in a.items():
         assert torch.allclose(weight, b[name], atol=1e-6), name
+
+
+def test_under_dvc_repro_a_failing_stage_says_how_to_get_its_outputs_back(tmp_path):
+    """DVC deletes a stage's outputs before running it: the error line names `dvc checkout`, which restores them."""
+    cwd = tmp_path
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=cwd, check=True)
+    params = write_params(cwd, **{"sampler.batch_size": 4, "sampler.steps": 3})
+    pairs = make_pairs()
+    write_parquet(pairs, cwd / "data/parallel/pairs.parquet", made_by=pairs_stamp(params["data"]["train"]))
+    (cwd / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"batches": {
+        "cmd": f"{sys.executable} -m pipeline.batches", "deps": ["data/parallel/pairs.parquet"],
+        "params": ["seed", "sampler"], "outs": ["data/batches/plan.parquet"],
+        "metrics": [{"metrics/batches.json": {"cache": False}}],
+    }}}))  # fmt: skip
+    repro = [sys.executable, "-m", "dvc", "repro", "-q"]
+    assert subprocess.run(repro, cwd=cwd, capture_output=True, text=True).returncode == 0
+    plan = (cwd / "data/batches/plan.parquet").read_bytes()
+    write_params(cwd, **{"sampler.batch_size": 4, "sampler.steps": 3, "sampler.ratio": "0.5"})
+    failed = subprocess.run(repro, cwd=cwd, capture_output=True, text=True)
+    assert failed.returncode != 0
+    ours = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [
+        "error: params.yaml: sampler.ratio: expected a number, got the string '0.5' (dvc removed the stage's previous "
+        "outputs before running it; `dvc checkout batches` restores them)"
+    ]
+    assert not (cwd / "data/batches/plan.parquet").exists()  # what the line warns of
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "-q", "batches"], cwd=cwd, check=True)
+    assert (cwd / "data/batches/plan.parquet").read_bytes() == plan

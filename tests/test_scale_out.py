@@ -1,4 +1,5 @@
 """Scale-out of `train`: cached-gradient batches and torch.distributed data parallel (gloo, CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline import train
+from pipeline.distributed import World
 from tests.helpers import CONFIG, load, make_pairs, make_plan, run_train_stage, stage_dir
 
 TOL = 1e-5
@@ -45,7 +47,7 @@ def test_cached_gradients_equal_the_whole_batch_and_sentence_transformers(tiny_m
     results = {}
     for chunk in (None, 3, 8):  # whole batch; uneven chunks; one chunk
         model = without_dropout(load(tiny_model_dir))
-        loss = train.contrastive_step(model, queries, passages, 0.05, train.World(), chunk, bf16=False)
+        loss = train.contrastive_step(model, queries, passages, 0.05, World(), chunk, bf16=False)
         results[chunk] = loss.item(), gradients(model)
     reference = without_dropout(load(tiny_model_dir))
     st_loss = CachedMultipleNegativesRankingLoss(reference, scale=1 / 0.05, mini_batch_size=3)
@@ -68,7 +70,7 @@ def test_cached_gradients_replay_dropout(tiny_model_dir):
     queries, passages = planned_batch(8)
     cached = load(tiny_model_dir).train()
     torch.manual_seed(0)
-    loss = train.contrastive_step(cached, queries, passages, 0.05, train.World(), 4, bf16=False)
+    loss = train.contrastive_step(cached, queries, passages, 0.05, World(), 4, bf16=False)
     direct = load(tiny_model_dir).train()
     torch.manual_seed(0)  # the same masks: the same chunks in the same order, with the graph kept
     parts = [train.embed(direct, c) for c in (queries[:4], queries[4:], passages[:4], passages[4:])]
@@ -94,12 +96,12 @@ def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     model = without_dropout(load(Path(model_dir)))
     queries, passages = planned_batch(8)
-    world = train.World(rank=rank, size=world_size)
+    world = World(rank=rank, size=world_size)
     # AdamW's first step is lr * g / (|g| + eps): for weights whose gradient is ~eps, the
     # last-bit differences of summing over 2 ranks move the update by up to lr * 0.1, so a
     # small lr keeps that below the tolerance while every weight still moves.
     config = replace(CONFIG, warmup_ratio=0.0, lr=1e-5)
-    summary = train.train(model, [queries], [passages], config, world=world)
+    summary = train.train(model, [queries], [passages], config, train.TrainRun(world=world))
     if rank == 0:
         torch.save({"loss": summary["final_loss"], "state": model.state_dict()}, out)
     if world_size > 1:
@@ -135,10 +137,10 @@ def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize(
     ("train_params", "message"),
     [
-        ({"processes": 3}, "error: params.yaml: sampler.batch_size: 4 is not divisible by the 3 processes"),
+        ({"processes": 3}, "error: params.yaml: sampler.batch_size: 4 is not divisible by the 3 processes (train.processes)"),
         ({"chunk_size": 5}, "error: params.yaml: train.chunk_size: 5 is larger than the 4 pairs each of the 1 processes embeds per batch"),
-        ({"chunk_size": 0}, "error: params.yaml: train.chunk_size: 0 must be null or an integer >= 1"),
-        ({"processes": 0}, "error: params.yaml: train.processes: 0 must be an integer >= 1"),
+        ({"chunk_size": 0}, "error: params.yaml: train.chunk_size: 0 must be >= 1"),
+        ({"processes": 0}, "error: params.yaml: train.processes: 0 must be >= 1"),
     ],
 )
 def test_bad_scale_out_params_fail_before_start(tmp_path, tiny_model_dir, train_params, message):
@@ -157,5 +159,7 @@ def test_unreachable_rendezvous_times_out_with_one_line(tmp_path, tiny_model_dir
     result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: torch.distributed: no process group of 2 at 127.0.0.1:{port} within 3 s"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: torch.distributed: no process group of 2 at 127.0.0.1:{port} within 3 s"), (
+        result.stderr
+    )
     assert time.monotonic() - began < 60

@@ -1,5 +1,6 @@
 """The sweep table/plot across experiments: records made by hand, and a real `dvc exp show`
 table from a throwaway git+DVC repo whose stage writes both metrics files."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,15 @@ FIGURES = ("mono_map", "cross_map", "multi_map", "rank_distance")
 
 
 def record(name, ratio, unit, multi, prefix=""):
-    return {"Experiment": name, "sampler.ratio": ratio, "sampler.unit": unit, f"{prefix}xquad_r.mono_map": 0.6,
-            f"{prefix}xquad_r.cross_map": 0.5, f"{prefix}xquad_r.multi_map": multi,
-            f"{prefix}xquad_r.rank_distance": 100.0}
+    return {
+        "Experiment": name,
+        "sampler.ratio": ratio,
+        "sampler.unit": unit,
+        f"{prefix}xquad_r.mono_map": 0.6,
+        f"{prefix}xquad_r.cross_map": 0.5,
+        f"{prefix}xquad_r.multi_map": multi,
+        f"{prefix}xquad_r.rank_distance": 100.0,
+    }
 
 
 def test_sweep_table_keeps_finished_runs_sorted_by_unit_and_ratio():
@@ -71,8 +78,12 @@ WRITE_METRICS = (
 
 def fine_tuned(ratio, unit):
     pair = 0.01 if unit == "pair" else 0.0
-    return {"mono_map": 0.7 + 0.1 * ratio, "cross_map": 0.7 - 0.1 * ratio, "multi_map": 0.5 - 0.2 * ratio + pair,
-            "rank_distance": 300 + 200 * ratio}
+    return {
+        "mono_map": 0.7 + 0.1 * ratio,
+        "cross_map": 0.7 - 0.1 * ratio,
+        "multi_map": 0.5 - 0.2 * ratio + pair,
+        "rank_distance": 300 + 200 * ratio,
+    }
 
 
 def _run(repo: Path, *cmd: str) -> None:
@@ -94,15 +105,20 @@ def experiments(tmp_path_factory):
     _run(repo, *dvc_cmd, "init", "-q")
     (repo / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "sampler": {"ratio": 0.5, "unit": "batch"}}))
     (repo / "extra.yaml").write_text(yaml.safe_dump({"sampler": {"ratio": 9.0}}))  # a decoy: prefixes the param
-    stage = {"cmd": f"{sys.executable} -c \"{WRITE_METRICS}\"",
-             "params": ["seed", "sampler.ratio", "sampler.unit", {"extra.yaml": ["sampler.ratio"]}],
-             "metrics": [{METRICS_FILE: {"cache": False}}, {BASE_FILE: {"cache": False}}]}
+    stage = {
+        "cmd": f'{sys.executable} -c "{WRITE_METRICS}"',
+        "params": ["seed", "sampler.ratio", "sampler.unit", {"extra.yaml": ["sampler.ratio"]}],
+        "metrics": [{METRICS_FILE: {"cache": False}}, {BASE_FILE: {"cache": False}}],
+    }
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": stage}}, sort_keys=False))
     _run(repo, *dvc_cmd, "repro", "-q")
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "baseline")
-    for name, args in (("xy", ["-S", "sampler.ratio=0"]), ("mono", ["-S", "sampler.ratio=1"]),
-                       ("pairwise", ["-S", "sampler.unit=pair", "-S", "sampler.ratio=0.5"])):
+    for name, args in (
+        ("xy", ["-S", "sampler.ratio=0"]),
+        ("mono", ["-S", "sampler.ratio=1"]),
+        ("pairwise", ["-S", "sampler.unit=pair", "-S", "sampler.ratio=0.5"]),
+    ):
         _run(repo, *dvc_cmd, "exp", "run", "-q", "-n", name, *args)
     return dvc.api.exp_show(repo=str(repo))
 

@@ -1,4 +1,5 @@
 """Contrastive training on the batch plan: loss, plan order, resumption, the stage end to end."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from pipeline import train
 from pipeline.common import PipelineError
 from tests.helpers import CONFIG, load, make_pairs, make_plan, run_train_stage, stage_dir
+
 
 def test_info_nce_is_cross_entropy_over_in_batch_passages():
     torch.manual_seed(0)
@@ -41,15 +43,6 @@ def test_plan_texts_names_a_pair_missing_from_the_pairs_file():
     without_de = pairs.filter(pa.compute.not_equal(pairs["lang"], "de"))
     with pytest.raises(PipelineError, match="has no pair in language 'de'"):
         train.plan_texts(plan, without_de, "query: ", "passage: ")
-
-
-@pytest.mark.parametrize(
-    "field, value, message",
-    [("temperature", 0.0, "train.temperature"), ("lr", -1.0, "train.lr"), ("warmup_ratio", 1.5, "train.warmup_ratio")],
-)
-def test_bad_hyper_parameters_are_named(field, value, message):
-    with pytest.raises(PipelineError, match=message):
-        train.check_config(train.TrainConfig(**{**CONFIG.__dict__, field: value}))
 
 
 def batch_loss(model, queries, passages) -> float:
@@ -86,10 +79,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
 
     checkpoint = tmp_path / "train.pt"
     killed = load(tiny_model_dir)
-    train.train(killed, queries, passages, CONFIG, checkpoint, fingerprint="run", stop_after=3)
-    assert torch.load(checkpoint, weights_only=False)["step"] == 2  # step 3 was lost with the crash
+    train.train(killed, queries, passages, CONFIG, train.TrainRun(checkpoint, fingerprint="run", stop_after=3))
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2  # step 3 was lost with the crash
     resumed = load(tiny_model_dir)
-    summary = train.train(resumed, queries, passages, CONFIG, checkpoint, resume=True, fingerprint="run")
+    summary = train.train(resumed, queries, passages, CONFIG, train.TrainRun(checkpoint, resume=True, fingerprint="run"))
     assert summary["resumed_from_step"] == 2
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -99,8 +92,8 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(tiny_model_dir, tmp_path):
     pairs = make_pairs()
     queries, passages = train.plan_texts(make_plan(pairs, steps=2), pairs, "query: ", "passage: ")
     checkpoint = tmp_path / "train.pt"
-    train.train(load(tiny_model_dir), queries, passages, CONFIG, checkpoint, fingerprint="old plan")
-    summary = train.train(load(tiny_model_dir), queries, passages, CONFIG, checkpoint, resume=True, fingerprint="new")
+    train.train(load(tiny_model_dir), queries, passages, CONFIG, train.TrainRun(checkpoint, fingerprint="old plan"))
+    summary = train.train(load(tiny_model_dir), queries, passages, CONFIG, train.TrainRun(checkpoint, resume=True, fingerprint="new"))
     assert summary["resumed_from_step"] == 0
 
 
@@ -123,3 +116,46 @@ def test_stage_rejects_a_zero_temperature_without_writing(tmp_path, tiny_model_d
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: params.yaml: train.temperature: 0 must be > 0"]
     assert not (cwd / "models/retriever").exists()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_model_dir):
+    pairs = make_pairs()
+    queries, passages = train.plan_texts(make_plan(pairs, steps=6), pairs, "query: ", "passage: ")
+    exploding = train.TrainConfig(**{**CONFIG.__dict__, "lr": 1e30, "freeze_embeddings": False, "warmup_ratio": 0.0})
+    with pytest.raises(
+        PipelineError,
+        match=r"^train: loss is nan at step [2-6]: training diverged \(train.lr 1e\+30, train.temperature 0.05\); no model was written$",
+    ):
+        train.train(load(tiny_model_dir), queries, passages, exploding)
+
+
+def test_precision_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
+    from pipeline import encoding
+
+    monkeypatch.setattr(encoding, "native_bf16", lambda device_type: False)
+    assert encoding.use_bf16("auto", "cpu") is False and encoding.use_bf16("fp32", "cpu") is False
+    with pytest.raises(PipelineError, match=r"^params.yaml: train.precision: bf16, but this cpu has no native bf16 units"):
+        encoding.use_bf16("bf16", "cpu")
+    monkeypatch.setattr(encoding, "native_bf16", lambda device_type: True)
+    assert encoding.use_bf16("auto", "cpu") is True and encoding.use_bf16("fp32", "cpu") is False
+
+
+def test_bf16_training_is_deterministic_and_close_to_fp32(tiny_model_dir):
+    """Same seed, same precision: the same weights; bf16 and fp32 runs land near each other."""
+    from pipeline import encoding
+
+    if not encoding.native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16 units")
+    pairs = make_pairs()
+    queries, passages = train.plan_texts(make_plan(pairs, steps=4), pairs, "query: ", "passage: ")
+    bf16 = train.TrainConfig(**{**CONFIG.__dict__, "precision": "bf16"})
+    runs = []
+    for config in (bf16, bf16, CONFIG):
+        model = load(tiny_model_dir)
+        runs.append((train.train(model, queries, passages, config), model.state_dict()))
+    (first, a), (second, b), (fp32, c) = runs
+    assert first["precision"] == "bf16" and fp32["precision"] == "fp32"
+    assert first["final_loss"] == second["final_loss"]
+    for name, weight in a.items():
+        assert torch.equal(weight, b[name]), name
+    assert abs(first["final_loss"] - fp32["final_loss"]) < 0.05

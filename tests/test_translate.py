@@ -2,6 +2,7 @@
 
 Structure is asserted (alignment, prefixes, cache, resumption, errors), never quality.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ import pytest
 
 from pipeline import translate
 from pipeline.common import PipelineError, read_parquet, write_parquet
-from pipeline.fetch import parse_lareqa, parse_squad
 from pipeline.contracts import CANDIDATES_SCHEMA, PAIRS_SCHEMA, QUESTIONS_SCHEMA
+from pipeline.fetch import parse_lareqa, parse_squad
 from pipeline.sources import MLQA_R, XQUAD_R
 from tests.helpers import REPO, mirror_file, write_params
 
@@ -150,16 +151,17 @@ def test_language_table_covers_the_datasets_and_refuses_unknown_codes():
 
 def test_translate_corpus_keeps_every_sentence_and_the_answer_index():
     questions, candidates = (t.to_pandas() for t in parse_squad(SQUAD_DOC, "squad.json"))
-    out_q, out_c = translate.translate_corpus(
-        questions, candidates, ["de", "fr"], lambda texts, target: [f"{target}:{t}" for t in texts]
-    )
+    out_q, out_c = translate.translate_corpus(questions, candidates, ["de", "fr"], lambda texts, target: [f"{target}:{t}" for t in texts])
     assert len(out_q) == 3 * len(questions) and len(out_c) == 3 * len(candidates)
     for lang in ("de", "fr"):
         q, c = out_q[out_q["lang"] == lang], out_c[out_c["lang"] == lang]
         assert q["question"].tolist() == [f"{lang}:{t}" for t in questions["question"]]
         assert q[["group_id", "answer_candidate"]].values.tolist() == questions[["group_id", "answer_candidate"]].values.tolist()
         assert c["sentence"].tolist() == [f"{lang}:{t}" for t in candidates["sentence"]]
-        assert c[["candidate", "paragraph", "sentence_index"]].values.tolist() == candidates[["candidate", "paragraph", "sentence_index"]].values.tolist()
+        assert (
+            c[["candidate", "paragraph", "sentence_index"]].values.tolist()
+            == candidates[["candidate", "paragraph", "sentence_index"]].values.tolist()
+        )
     pairs = translate.pairs_from_source(
         pa.Table.from_pandas(out_q, QUESTIONS_SCHEMA, preserve_index=False),
         pa.Table.from_pandas(out_c, CANDIDATES_SCHEMA, preserve_index=False),
@@ -169,7 +171,14 @@ def test_translate_corpus_keeps_every_sentence_and_the_answer_index():
 
 
 def test_quality_report_scores_identical_text_100_and_others_lower():
-    human = pd.DataFrame({"group_id": ["a", "b"], "lang": ["de", "de"], "question": ["Wo ist es?", "Wer war das?"], "passage": ["Es ist hier.", "Das war er."]})
+    human = pd.DataFrame(
+        {
+            "group_id": ["a", "b"],
+            "lang": ["de", "de"],
+            "question": ["Wo ist es?", "Wer war das?"],
+            "passage": ["Es ist hier.", "Das war er."],
+        }
+    )
     same = translate.quality_report(human, human)
     assert same == {"bleu.de": 100.0, "chrf++.de": 100.0, "references.de": 4}
     wrong = translate.quality_report(human.assign(question=["Wie spät?", "Nein."]), human)
@@ -196,7 +205,7 @@ def test_engine_applies_language_codes_and_cuts_long_inputs(tiny_ct2):
     engine.translator = RecordingTranslator(engine.translator)
     texts = ["It flows north.", "The river is long and it flows north past many cities."]
     out = engine.translate(texts, "en", "de")
-    (source, kwargs), = engine.translator.calls
+    ((source, kwargs),) = engine.translator.calls
     assert [s[0] for s in source] == ["eng_Latn", "eng_Latn"] and all(s[-1] == "</s>" for s in source)
     assert len(source[0]) == len("It flows north.".replace(" ", "")) + 3 + 2  # chars, 3 "▁", code, </s>
     assert len(source[1]) == 20 and engine.truncated == 1
@@ -223,7 +232,10 @@ def test_stage_converts_once_translates_each_text_once_and_caches(tiny_hf, tmp_p
     src_c = candidates[candidates["lang"] == "en"]
     for lang in ("de", "fr"):
         c = candidates[candidates["lang"] == lang]
-        assert c[["candidate", "paragraph", "sentence_index"]].values.tolist() == src_c[["candidate", "paragraph", "sentence_index"]].values.tolist()
+        assert (
+            c[["candidate", "paragraph", "sentence_index"]].values.tolist()
+            == src_c[["candidate", "paragraph", "sentence_index"]].values.tolist()
+        )
         assert (c["sentence"] != "").all()
         q = questions[questions["lang"] == lang].set_index("group_id")
         assert q["answer_candidate"].to_dict() == {"q1": 1, "q2": 2, "q3": 4}

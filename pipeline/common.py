@@ -101,6 +101,9 @@ def param(params: dict, dotted: str) -> Any:
 def _temp_beside(final: Path, made: list[Path]) -> Path:
     """A fresh temporary directory beside `final` (removing ones a killed run left); fails early
     with one line when the location cannot be written. Folders it had to make are added to `made`."""
+    blocking = next((folder for folder in (final.parent, *final.parent.parents) if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise PipelineError(f"{final}: cannot write there ({blocking} is a file, not a folder)")
     try:
         made += [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +201,15 @@ def read_parquet(path: str | Path, schema: pa.Schema, made_by: dict | None = Non
                     f"{key}={json.dumps(want)} (stale output: run `dvc repro`)"
                 )
     return table.select(schema.names)
+
+
+def write_figure(fig, path: str | Path) -> None:
+    """A matplotlib figure as a PNG, written atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def write_json(obj: Any, path: str | Path) -> None:

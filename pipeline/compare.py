@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pipeline.common import PipelineError, atomic_path, first_line, read_parquet, run_stage
+from pipeline.common import PipelineError, atomic_path, first_line, read_parquet, run_stage, write_figure
 from pipeline.contracts import QUERIES_SCHEMA
 
 # Headline figure -> (setting, column): each is a macro-average over the setting's cells
@@ -395,9 +395,7 @@ def plot_forest(result: pd.DataFrame, path: Path, title: str):
     axes[0][0].set_ylim(-0.6, len(pairs) - 0.4)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_figure(fig, path)
     return fig
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.common import PipelineError, atomic_path, run_stage
+from pipeline.common import PipelineError, atomic_path, run_stage, write_figure
 
 FIGURES = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP", "rank_distance": "rank distance"}
 METRICS_FILE = "metrics/eval.json"  # the fine-tuned model's figures
@@ -95,9 +95,7 @@ def plot_sweep(table: pd.DataFrame, path: Path, dataset: str, base: dict | None 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_figure(fig, path)
     return fig
 
 

@@ -451,7 +451,12 @@ def test_per_query_rows_give_the_headline_figures_exactly():
 def test_cli_checks_where_it_writes_before_any_work(workdir, tiny_model_dir):
     """An output under a file fails in seconds with one line, before the model loads; nothing is written."""
     out = _cli(workdir, "--model", str(tiny_model_dir), "--out", "params.yaml/eval.json", "--plots", "late_plots")
-    _assert_error(out.returncode, out.stderr, "params.yaml/eval.json: cannot write there (Not a directory", workdir / "late_plots")
+    _assert_error(
+        out.returncode,
+        out.stderr,
+        "params.yaml/eval.json: cannot write there (params.yaml is a file, not a folder)",
+        workdir / "late_plots",
+    )
     assert "Loading weights" not in out.stderr
 
 

@@ -1,16 +1,24 @@
-"""Training throughput: this project's trainer against sentence-transformers' own trainer.
+"""Training throughput: this project's trainer in fp32 and bf16, and against sentence-transformers' own trainer.
 
-Both train the same model on the same (query, passage) pairs — the first batches of
+Every runner trains the same model on the same (query, passage) pairs — the first batches of
 the batch plan — with the same batch size, max length, learning rate and InfoNCE
 temperature (MultipleNegativesRankingLoss with scale = 1 / temperature), for the same
 number of steps, each in its own subprocess so that peak memory is measured apart.
-Prints pairs/s, peak memory and the ratios, side by side from one run:
+The runners are interleaved: round 1 runs each of --runners in turn, every later round
+the same again (ours, ours-bf16, ours, ours-bf16 by default), so that a busy, shared CPU
+slows each alike; the best round of each runner is kept. Prints pairs/s, peak memory and
+the ratios to `ours` (fp32; bf16 target >= 1.5x) and to `st`, side by side from one run:
 
-    python benchmarks/train_speed.py [--steps 20] [--batch-size 16] [--model models/base]
+    python benchmarks/train_speed.py [--steps 20] [--batch-size 16] [--rounds 2] [--runners ours,ours-bf16] [--model models/base]
 
-Needs `data/parallel/pairs.parquet` and `data/batches/plan.parquet` (`dvc repro batches`).
-Runners: `ours` (default: token embeddings frozen), `ours-unfrozen` (every weight trained,
-as the sentence-transformers trainer does), `st` (SentenceTransformerTrainer).
+Needs `models/base`, `data/parallel/pairs.parquet` and `data/batches/plan.parquet` (`dvc repro batches`).
+Runners: `ours` (token embeddings frozen, fp32: train.precision fp32), `ours-bf16` (the
+same under bf16 autocast: train.precision bf16; needs native bf16 units, AVX-512 BF16 or
+AMX on CPU, or CUDA), `ours-unfrozen` (every weight trained, fp32, as the
+sentence-transformers trainer does), `st` (SentenceTransformerTrainer; bf16 on CUDA).
+pairs/s is steps x batch size over the wall time of the training call (first step
+included); `step pairs/s` is the trainer's own figure (its summary's pairs_per_s: the
+steps' time only), for `ours*` runners.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import time
 import pyarrow.parquet as pq
 import torch
 
-RUNNERS = ("ours", "ours-unfrozen", "st")
+RUNNERS = ("ours", "ours-bf16", "ours-unfrozen", "st")
+BF16_TARGET = 1.5  # ours-bf16 / ours pairs/s
 
 
 def batches_of_plan(batch_size: int, steps: int, max_length: int):
@@ -66,10 +75,11 @@ def run_one(runner: str, args) -> dict:
             passage_prefix="",
             checkpoint_every=10**9,
             seed=0,
-            freeze_embeddings=runner == "ours",
+            freeze_embeddings=runner != "ours-unfrozen",
+            precision="bf16" if runner == "ours-bf16" else "fp32",
         )
         started = time.perf_counter()
-        train(model, queries, passages, config)
+        summary = train(model, queries, passages, config)
     else:
         from datasets import Dataset
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -98,6 +108,7 @@ def run_one(runner: str, args) -> dict:
         )
         started = time.perf_counter()
         trainer.train()
+        summary = {"precision": "bf16" if training_args.bf16 else "fp32"}
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -108,7 +119,27 @@ def run_one(runner: str, args) -> dict:
         "seconds": seconds,
         "pairs_per_s": args.steps * args.batch_size / seconds,
         "peak_mib": peak / 2**20,
+        "precision": summary["precision"],
+        "step_pairs_per_s": summary.get("pairs_per_s"),
     }
+
+
+def runner_list(text: str) -> list[str]:
+    chosen = [x.strip() for x in text.split(",") if x.strip()]
+    for r in chosen:
+        if r not in RUNNERS:
+            raise argparse.ArgumentTypeError(f"{r!r} is not one of {', '.join(RUNNERS)}")
+    return list(dict.fromkeys(chosen))
+
+
+def run_subprocess(runner: str, argv: list[str]) -> dict:
+    """One runner in its own process; its JSON result, or exit with the last line of its error."""
+    cmd = [sys.executable, __file__, "--runner", runner, *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["(no output)"]
+        raise SystemExit(f"train_speed: runner {runner} failed (exit {done.returncode}): {lines[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -119,22 +150,50 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument(
+        "--runners",
+        type=runner_list,
+        default=["ours", "ours-bf16"],
+        help=f"comma-separated, of {', '.join(RUNNERS)} (default: ours,ours-bf16)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="times every runner runs, interleaved; the best round of each is kept")
     parser.add_argument("--runner", choices=RUNNERS, help="run one runner and print its JSON (used internally)")
     args = parser.parse_args()
     if args.runner:
         print(json.dumps(run_one(args.runner, args)))
         return
-    results = {}
-    for runner in RUNNERS:
-        cmd = [sys.executable, __file__, "--runner", runner] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[runner] = json.loads(out.strip().splitlines()[-1])
-    device = results["st"]["device"]
-    print(f"training throughput, {args.steps} steps x {args.batch_size} pairs, max length {args.max_length}, {device}")
-    print(f"  {'runner':<15}{'seconds':>9}{'pairs/s':>10}{'peak MiB':>10}{'vs st':>8}")
+    if not args.runners or args.rounds < 1:
+        parser.error("--runners must not be empty and --rounds must be at least 1")
+    forwarded = [
+        *("--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size)),
+        *("--max-length", str(args.max_length), "--lr", str(args.lr), "--temperature", str(args.temperature)),
+    ]
+    runs: dict[str, list[dict]] = {runner: [] for runner in args.runners}
+    for r in range(args.rounds):
+        for runner in args.runners:
+            result = run_subprocess(runner, forwarded)
+            runs[runner].append(result)
+            print(f"  round {r + 1}: {runner:<14}{result['seconds']:>7.1f} s{result['pairs_per_s']:>8.2f} pairs/s", flush=True)
+    results = {runner: max(rs, key=lambda x: x["pairs_per_s"]) for runner, rs in runs.items()}
+    device = next(iter(results.values()))["device"]
+    bases = [b for b in ("ours", "st") if b in results]
+    print(
+        f"training throughput, {args.steps} steps x {args.batch_size} pairs, max length {args.max_length}, {device}, "
+        f"best of {args.rounds} round(s)"
+    )
+    print(
+        f"  {'runner':<15}{'precision':>10}{'seconds':>9}{'pairs/s':>10}{'step pairs/s':>14}{'peak MiB':>10}"
+        + "".join(f"{'vs ' + b:>9}" for b in bases)
+    )
     for runner, r in results.items():
-        ratio = r["pairs_per_s"] / results["st"]["pairs_per_s"]
-        print(f"  {runner:<15}{r['seconds']:>9.1f}{r['pairs_per_s']:>10.1f}{r['peak_mib']:>10.0f}{ratio:>7.2f}x")
+        step = f"{r['step_pairs_per_s']:>14.2f}" if r["step_pairs_per_s"] else f"{'-':>14}"
+        ratios = "".join(f"{r['pairs_per_s'] / results[b]['pairs_per_s']:>8.2f}x" for b in bases)
+        print(f"  {runner:<15}{r['precision']:>10}{r['seconds']:>9.1f}{r['pairs_per_s']:>10.2f}{step}{r['peak_mib']:>10.0f}{ratios}")
+    print("  runs (pairs/s): " + "; ".join(f"{runner} " + ", ".join(f"{x['pairs_per_s']:.2f}" for x in rs) for runner, rs in runs.items()))
+    if "ours" in results and "ours-bf16" in results:
+        ratio = results["ours-bf16"]["pairs_per_s"] / results["ours"]["pairs_per_s"]
+        verdict = "PASS" if ratio >= BF16_TARGET else "FAIL"
+        print(f"  ours-bf16 / ours (fp32): {ratio:.2f}x pairs/s   target >= {BF16_TARGET}x  {verdict}")
     print("  peak: max RSS of the process on CPU, torch.cuda.max_memory_allocated on GPU")
 
 

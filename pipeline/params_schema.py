@@ -7,9 +7,10 @@ parameter's type and value, then the RULES that tie parameters together (plan si
 processes, fetched datasets, languages). Booleans are not integers, integers are
 accepted where numbers are expected, NaN and infinities are refused everywhere.
 
-Tables that belong to a stage stay in its module and are read from there: NLLB language
-codes (translate), sampler units (batches), noise names (noise.Noise.parse), sources
-(sources), CTranslate2 quantization types (ctranslate2's converter).
+Tables are read from the modules that own them, never copied: NLLB language codes
+(languages), sampler units (contracts), noise names (noise.Noise.parse), sources
+(sources), CTranslate2 quantization types (ctranslate2's converter, imported only when
+a type other than auto is asked for).
 
 Adding a parameter to params.yaml is one line in SCHEMA; tests/test_params_schema.py
 fails until it has one, and until the new parameter has a bad-value case there.
@@ -22,7 +23,6 @@ lists the schema.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 import re
@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.common import PipelineError, load_params, run_stage
+from pipeline.common import PipelineError, load_params, run_stage, stage_parser
 from pipeline.contracts import SAMPLER_UNITS
 from pipeline.languages import NLLB_CODES
 from pipeline.noise import Noise
@@ -427,8 +427,7 @@ def schema_lines() -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Check params.yaml against the schema of every parameter.")
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__)
     parser.add_argument("--list", action="store_true", help="print the schema instead")
     args = parser.parse_args()
     if args.list:

@@ -1,8 +1,9 @@
 """Helpers every stage shares: user-facing errors, params, and atomic outputs.
 
-Stages never leave a half-written output behind: everything is written to a
-temporary sibling path and renamed into place only once it is complete, so a
-crash or a validation error keeps the previous output intact for DVC.
+Stages never leave a half-written output behind: each output is written to a
+temporary sibling path, and a stage's outputs are renamed into place together only
+once all are complete, so a crash or a validation error keeps the previous outputs
+intact and consistent with each other.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def stage_parser(doc: str, **paths: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_params(path: str | Path = "params.yaml", validate: bool = True) -> dict:
+def load_params(path: str | Path = "params.yaml") -> dict:
     """params.yaml, checked whole against the schema (pipeline/params_schema.py) before any work:
     a misspelt key, a wrong type or a value out of range is one line naming it."""
     path = Path(path)
@@ -81,10 +82,9 @@ def load_params(path: str | Path = "params.yaml", validate: bool = True) -> dict
         raise PipelineError(f"{path}: not valid YAML{where} ({problem})") from None
     if not isinstance(params, dict):
         raise PipelineError(f"{path}: expected a mapping of parameter groups")
-    if validate:
-        from pipeline import params_schema  # it imports this module
+    from pipeline import params_schema  # it imports this module
 
-        params_schema.validate(params, origin=str(path))
+    params_schema.validate(params, origin=str(path))
     return params
 
 

@@ -49,7 +49,7 @@ def worst_chunk(queries: list[str], passages: list[str], chunk_size: int, tokeni
 def run_one(batch_size: int, chunk_size: int | None, args, chunk_of: int | None = None) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.train import TrainConfig, train
+    from pipeline.train import PlannedBatch, TrainConfig, train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SentenceTransformer(args.model, device=device)
@@ -64,13 +64,13 @@ def run_one(batch_size: int, chunk_size: int | None, args, chunk_of: int | None 
     else:
         (queries,), (passages,) = batches_of_plan(batch_size, 1, args.max_length)
     warm = min(8, chunk_size or batch_size)
-    train(model, [queries[:warm]], [passages[:warm]], replace(config, chunk_size=None))
+    train(model, [PlannedBatch(queries[:warm], passages[:warm])], replace(config, chunk_size=None))
     loaded = peak_bytes(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         loaded = torch.cuda.memory_allocated()
     started = time.perf_counter()
-    train(model, [queries], [passages], config)
+    train(model, [PlannedBatch(queries, passages)], config)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

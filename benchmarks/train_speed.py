@@ -43,9 +43,9 @@ def batches_of_plan(batch_size: int, steps: int, max_length: int):
 
     plan = pq.read_table("data/batches/plan.parquet")
     pairs = pq.read_table("data/parallel/pairs.parquet")
-    queries, passages = plan_texts(plan, pairs, "query: ", "passage: ")
-    flat_q = [t for batch in queries for t in batch]
-    flat_p = [t for batch in passages for t in batch]
+    batches = plan_texts(plan, pairs, "query: ", "passage: ")
+    flat_q = [t for batch in batches for t in batch.queries]
+    flat_p = [t for batch in batches for t in batch.passages]
     need = batch_size * steps
     if len(flat_q) < need:
         raise SystemExit(f"the plan has {len(flat_q)} pairs, fewer than {need}; lower --steps or --batch-size")
@@ -58,7 +58,7 @@ def batches_of_plan(batch_size: int, steps: int, max_length: int):
 def run_one(runner: str, args) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.train import TrainConfig, train
+    from pipeline.train import PlannedBatch, TrainConfig, train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SentenceTransformer(args.model, device=device)
@@ -79,7 +79,7 @@ def run_one(runner: str, args) -> dict:
             precision="bf16" if runner == "ours-bf16" else "fp32",
         )
         started = time.perf_counter()
-        summary = train(model, queries, passages, config)
+        summary = train(model, [PlannedBatch(q, p) for q, p in zip(queries, passages)], config)
     else:
         from datasets import Dataset
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments

@@ -14,7 +14,10 @@ Tables:
 - `data/parallel/{questions,candidates}.parquet`: the same layout for the training
   source after `translate`; `data/parallel/pairs.parquet`: one row per (group,
   language), the question and its answer sentence (the positive passage);
-- `data/batches/plan.parquet`: the batch plan, one row per planned pair;
+- `data/batches/plan.parquet`: the batch plan, one row per planned pair; `kind` says
+  whether the row is monolingual or cross-lingual (under `sampler.schedule: multitask`,
+  which task it trains), `negative_lang` and `negative_candidate` name its hard negative
+  (a row of `data/parallel/candidates.parquet`; null when it has none);
 - `metrics/eval_queries/<dataset>.parquet`: one row per scored query and setting.
 """
 
@@ -66,7 +69,9 @@ PLAN_SCHEMA = pa.schema(
         pa.field("group_id", pa.string(), nullable=False),
         pa.field("query_lang", pa.string(), nullable=False),
         pa.field("passage_lang", pa.string(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # mono | cross
+        pa.field("negative_lang", pa.string()),  # the hard negative's language; null = none
+        pa.field("negative_candidate", pa.int32()),  # its `candidate` in data/parallel/candidates.parquet
     ]
 )
 
@@ -85,8 +90,14 @@ QUERIES_SCHEMA = pa.schema(
 )
 
 # The sampler params a plan is made from; `batches` stamps them and `train` checks them.
-SAMPLER_PARAMS = ("ratio", "unit", "batch_size", "steps")
-SAMPLER_UNITS = ("batch", "pair")  # hybrid batches (the paper) | the coin flipped per pair (baseline)
+SAMPLER_PARAMS = ("ratio", "schedule", "order", "batch_size", "steps", "negatives")
+# hybrid: a coin per batch (the paper); sequential: round(ratio * steps) mono batches, then
+# cross ones (or the reverse); multitask: mono and cross rows in every batch, one loss each;
+# pair: a coin per pair (baseline).
+SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
+SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
+# none | another sentence of the answer's paragraph in the passage's language | in the query's language
+NEGATIVE_MODES = ("none", "paragraph", "query_language")
 
 
 def raw_tables(source: str, raw_dir: Path = RAW_DIR) -> tuple[Path, Path]:

@@ -1,8 +1,9 @@
 """Data-parallel training on torch.distributed: the process group, collectives, and the torchrun launch.
 
 Under `torchrun` (or with `train.processes` > 1, which launches it) every rank embeds
-its slice of each planned batch; passages are gathered so each query is still scored
-against the whole planned batch, and weight gradients are averaged, so N processes
+its slice of each planned batch; passages and hard negatives are gathered so each query
+is still scored against the whole planned batch, and weight gradients (the language
+adversary's too) are averaged, so N processes
 take exactly the steps one process would take on the same plan.
 """
 
@@ -39,13 +40,21 @@ class World:
         per_rank = len(batch) // self.size
         return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's `tensor`, concatenated in rank order (detached)."""
+    def gather(self, tensor: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Every rank's `tensor`, concatenated in rank order (detached). `rows`: how many rows each
+        rank has, where they differ (every rank must know them): shorter ones are padded to send."""
         if self.size == 1:
             return tensor.detach()
+        if rows is not None:
+            padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+            padded[: len(tensor)] = tensor.detach()
+            return torch.cat([part[:n] for part, n in zip(self._all_gather(padded), rows)])
+        return torch.cat(self._all_gather(tensor.detach()))
+
+    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor.detach().contiguous())
-        return torch.cat(parts)
+        dist.all_gather(parts, tensor.contiguous())
+        return parts
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks, in place."""

@@ -1,16 +1,17 @@
 """One schema for the whole of params.yaml: every parameter's type, range and meaning.
 
 `validate(params)` checks a loaded params.yaml against SCHEMA and raises a one-line
-PipelineError naming the first problem, in this order: unknown keys (with the closest
-known name: a misspelt key does nothing otherwise), missing parameters, each
-parameter's type and value, then the RULES that tie parameters together (plan size,
-processes, fetched datasets, languages). Booleans are not integers, integers are
+PipelineError naming the first problem, in this order: unknown keys (a REPLACED one says
+what replaced it, others get the closest known name: a misspelt key does nothing
+otherwise), missing parameters, each parameter's type and value, then the RULES that tie
+parameters together (plan size, processes, fetched datasets, languages). Booleans are not integers, integers are
 accepted where numbers are expected, NaN and infinities are refused everywhere.
 
 Tables are read from the modules that own them, never copied: NLLB language codes
-(languages), sampler units (contracts), noise names (noise.Noise.parse), sources
-(sources), CTranslate2 quantization types (ctranslate2's converter, imported only when
-a type other than auto is asked for).
+(languages), sampler schedules, orders and negatives modes (contracts: the plan is
+stamped with them), noise names (noise.Noise.parse), sources (sources), CTranslate2
+quantization types (ctranslate2's converter, imported only when a type other than auto
+is asked for).
 
 Adding a parameter to params.yaml is one line in SCHEMA; tests/test_params_schema.py
 fails until it has one, and until the new parameter has a bad-value case there.
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.common import PipelineError, load_params, run_stage, stage_parser
-from pipeline.contracts import SAMPLER_UNITS
+from pipeline.contracts import NEGATIVE_MODES, SAMPLER_ORDERS, SAMPLER_SCHEDULES
 from pipeline.languages import NLLB_CODES
 from pipeline.noise import Noise
 from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES
@@ -149,10 +150,12 @@ SCHEMA: dict[str, Spec] = {
     "translate.max_decoding_length": integer("output tokens per sentence", lo=1),
     "translate.max_input_tokens": integer("longer source sentences are cut", lo=3, why="(NLLB's language tag and end token take two)"),
     "translate.max_batch_tokens": integer("source tokens per CTranslate2 batch", lo=1),
-    "sampler.ratio": number("probability that a batch is monolingual", lo=0, hi=1),
-    "sampler.unit": string("batch (hybrid batches) or pair (a coin per pair)", choices=lambda: SAMPLER_UNITS),
+    "sampler.ratio": number("share of monolingual batches (multitask: of rows in each batch)", lo=0, hi=1),
+    "sampler.schedule": string("hybrid, sequential, multitask or pair: how mono and cross pairs share batches", choices=lambda: SAMPLER_SCHEDULES),
+    "sampler.order": string("sequential: mono_first or cross_first", choices=lambda: SAMPLER_ORDERS),
     "sampler.batch_size": integer("pairs per batch", lo=2, why="(InfoNCE needs in-batch negatives)"),
     "sampler.steps": integer("training steps (batches planned)", lo=1),
+    "sampler.negatives": string("hard negatives: none, paragraph or query_language", choices=lambda: NEGATIVE_MODES),
     "train.lr": number("AdamW's peak learning rate", lo=0, lo_open=True),
     "train.temperature": number("InfoNCE temperature", lo=0, lo_open=True),
     "train.warmup_ratio": number("share of steps of linear warm-up", lo=0, hi=1),
@@ -163,7 +166,16 @@ SCHEMA: dict[str, Spec] = {
     "train.chunk_size": integer("pairs per forward pass with cached gradients", lo=1, nullable=True, null_means="the whole batch at once"),
     "train.precision": string("auto, fp32 or bf16 autocast of the forward passes", choices=lambda: PRECISIONS),
     "train.rendezvous_timeout_s": number("seconds distributed processes wait for each other", lo=0, lo_open=True, hi=86_400),
+    "train.adversarial_weight": number("gradient-reversal weight of the language classifier (0 = off)", lo=0),
+    "train.adversary_lr": number("the language classifier's peak learning rate", lo=0, lo_open=True),
+    "train.query_noise": list_of(string(noun="noise name", check=_noise), "perturbations of training queries", empty_ok=True),
+    "train.query_noise_rate": number("share of training queries perturbed", lo=0, hi=1),
 }  # fmt: skip
+
+# Parameters that are gone, and what replaced them: a file that still has one gets this line.
+REPLACED = {
+    "sampler.unit": "replaced by sampler.schedule (unit: batch -> schedule: hybrid, unit: pair -> schedule: pair)",
+}
 
 # Group names ("sampler"), in the file's order.
 GROUPS = tuple(dict.fromkeys(".".join(name.split(".")[:i]) for name in SCHEMA for i in range(1, name.count(".") + 1)))
@@ -297,6 +309,8 @@ def _unknown_error(params: dict, prefix: str = "") -> str | None:
         name = f"{prefix}{key}"
         if name in SCHEMA:
             continue
+        if name in REPLACED:
+            return f"{name}: {REPLACED[name]}"
         if name in GROUPS:
             if not isinstance(value, dict):
                 return f"{name}: expected a group of parameters (a mapping), got {describe(value)}"

@@ -5,8 +5,8 @@ Run after a sweep (README, Experiments):
     python -m pipeline.sweep [--dataset xquad_r] [--out metrics/sweep]
 
 It reads every experiment of the current commit through `dvc.api.exp_show` and writes
-`<out>.csv` (one row per experiment) and `<out>.png`. `sampler.unit: pair` runs are
-drawn as separate markers, the zero-shot base model (metrics/eval_base.json) as dashed lines.
+`<out>.csv` (one row per experiment) and `<out>.png`: one line per `sampler.schedule`
+(`pair` runs as separate markers), the zero-shot base model (metrics/eval_base.json) dashed.
 """
 
 from __future__ import annotations
@@ -44,10 +44,18 @@ def _param(exp: dict, name: str):
     return exp[name] if name in exp else exp.get(f"{PARAMS_FILE}:{name}")
 
 
+def _schedule(exp: dict) -> str:
+    """sampler.schedule; a run from before it has sampler.unit instead (unit batch = schedule hybrid)."""
+    schedule = _param(exp, "sampler.schedule")
+    if schedule:
+        return schedule
+    return "pair" if _param(exp, "sampler.unit") == "pair" else "hybrid"
+
+
 def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS_FILE) -> pd.DataFrame:
-    """One row per finished experiment: name, ratio, unit, the fine-tuned model's headline figures
+    """One row per finished experiment: name, ratio, schedule, the fine-tuned model's headline figures
     (from metrics/eval.json) and the base's (`base_<figure>`, from metrics/eval_base.json; NaN if absent),
-    sorted by unit and ratio. The workspace row repeats the experiment applied to it: it is dropped
+    sorted by schedule and ratio. The workspace row repeats the experiment applied to it: it is dropped
     in favour of the named one."""
     rows = []
     for exp in experiments:
@@ -60,7 +68,7 @@ def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS
             {
                 "experiment": exp.get("Experiment") or exp.get("rev"),
                 "ratio": ratio,
-                "unit": _param(exp, "sampler.unit") or "batch",
+                "schedule": _schedule(exp),
                 **{k: float("nan") if v is None else v for k, v in figures.items()},
                 "named": bool(exp.get("Experiment")),
             }
@@ -68,12 +76,12 @@ def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS
     if not rows:
         raise PipelineError(f"no finished experiment has {dataset} metrics in {METRICS_FILE} (run the sweep in README first)")
     table = pd.DataFrame(rows).sort_values("named", ascending=False, kind="stable")
-    table = table.drop_duplicates(["ratio", "unit", *FIGURES]).drop(columns="named")
-    return table.sort_values(["unit", "ratio"], kind="stable").reset_index(drop=True)
+    table = table.drop_duplicates(["ratio", "schedule", *FIGURES]).drop(columns="named")
+    return table.sort_values(["schedule", "ratio"], kind="stable").reset_index(drop=True)
 
 
 def plot_sweep(table: pd.DataFrame, path: Path, dataset: str, base: dict | None = None):
-    """Each figure against the ratio, one line per unit; the base model dashed, from the table's
+    """Each figure against the ratio, one line per schedule; the base model dashed, from the table's
     base_ columns, else from `base`. Returns the matplotlib figure (closed) for inspection."""
     import matplotlib
 
@@ -82,9 +90,9 @@ def plot_sweep(table: pd.DataFrame, path: Path, dataset: str, base: dict | None 
 
     fig, axes = plt.subplots(1, len(FIGURES), figsize=(4 * len(FIGURES), 3.4))
     for ax, (key, label) in zip(axes, FIGURES.items()):
-        for unit, rows in table.groupby("unit"):
-            style = "o-" if unit == "batch" else "s"
-            ax.plot(rows["ratio"], rows[key], style, label=f"unit={unit}")
+        for schedule, rows in table.groupby("schedule"):
+            style = "s" if schedule == "pair" else "o-"
+            ax.plot(rows["ratio"], rows[key], style, label=f"schedule={schedule}")
         levels = sorted(set(table[f"base_{key}"].dropna())) if f"base_{key}" in table else []
         if not levels and base and _number(base.get(key)) is not None and not math.isnan(base[key]):
             levels = [base[key]]

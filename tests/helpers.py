@@ -16,7 +16,19 @@ import yaml
 
 from pipeline import batches, train
 from pipeline.common import write_parquet
-from pipeline.contracts import PAIRS_PATH, PAIRS_SCHEMA, PLAN_PATH, pairs_stamp, plan_stamp, raw_stamp, raw_tables
+from pipeline.contracts import (
+    CANDIDATES_SCHEMA,
+    PAIRS_PATH,
+    PAIRS_SCHEMA,
+    PARALLEL_CANDIDATES_PATH,
+    PARALLEL_QUESTIONS_PATH,
+    PLAN_PATH,
+    QUESTIONS_SCHEMA,
+    pairs_stamp,
+    plan_stamp,
+    raw_stamp,
+    raw_tables,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,8 +161,39 @@ def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
 
 
-def make_plan(pairs: pa.Table, steps: int = 6, batch_size: int = 4, seed: int = 3) -> pa.Table:
-    return batches.plan_batches(batches.groups_from_pairs(pairs), 0.5, "batch", batch_size, steps, seed)
+def corpus_of(pairs: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The questions and candidates behind `pairs` (translate's layout): in each language, the
+    answers of two groups share a paragraph with one more sentence, so every answer has two
+    other sentences beside it."""
+    questions, candidates = [], []
+    for lang in sorted(set(pairs["lang"].to_pylist())):
+        rows = [r for r in pairs.to_pylist() if r["lang"] == lang]
+        for paragraph, start in enumerate(range(0, len(rows), 2)):
+            members = rows[start : start + 2]
+            texts = [r["passage"] for r in members] + [f"{lang} sentence {paragraph} says nothing."]
+            first = sum(c["lang"] == lang for c in candidates)
+            candidates += [
+                {"lang": lang, "candidate": first + i, "paragraph": paragraph, "sentence_index": i, "sentence": text}
+                for i, text in enumerate(texts)
+            ]
+            questions += [
+                {"group_id": r["group_id"], "lang": lang, "question": r["question"], "answer_candidate": first + i}
+                for i, r in enumerate(members)
+            ]
+    return pa.Table.from_pylist(questions, schema=QUESTIONS_SCHEMA), pa.Table.from_pylist(candidates, schema=CANDIDATES_SCHEMA)
+
+
+def make_plan(
+    pairs: pa.Table,
+    steps: int = 6,
+    batch_size: int = 4,
+    seed: int = 3,
+    ratio: float = 0.5,
+    schedule: str = "hybrid",
+    negatives: str = "none",
+) -> pa.Table:
+    plan = batches.plan_batches(batches.groups_from_pairs(pairs), ratio, schedule, "mono_first", batch_size, steps, seed)
+    return batches.plan_negatives(plan, *corpus_of(pairs), negatives, seed)
 
 
 def load(model_dir: Path):
@@ -162,15 +205,21 @@ def load(model_dir: Path):
     return model
 
 
-def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, **train_params) -> Path:
-    """A project folder ready for `train`: params, pairs, a plan of `steps` batches of 4, the tiny base model."""
+def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dict | None = None, **train_params) -> Path:
+    """A project folder ready for `train`: params, the parallel tables, a plan of `steps` batches of 4
+    (with `sampler`'s schedule, ratio and negatives), the tiny base model."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update({"checkpoint_every": 2, "precision": "fp32", **train_params})
-    params["sampler"].update({"batch_size": 4, "steps": steps})  # the plan written below
+    params["sampler"].update({"batch_size": 4, "steps": steps, **(sampler or {})})  # the plan written below
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs()
-    write_parquet(pairs, tmp_path / PAIRS_PATH, made_by=pairs_stamp(params["data"]["train"]))
-    write_parquet(make_plan(pairs, steps=steps), tmp_path / PLAN_PATH, made_by=plan_stamp(params["seed"], params["sampler"]))
+    made_by = pairs_stamp(params["data"]["train"])
+    write_parquet(pairs, tmp_path / PAIRS_PATH, made_by=made_by)
+    for table, path in zip(corpus_of(pairs), (PARALLEL_QUESTIONS_PATH, PARALLEL_CANDIDATES_PATH)):
+        write_parquet(table, tmp_path / path, made_by=made_by)
+    s = params["sampler"]
+    plan = make_plan(pairs, steps=steps, ratio=s["ratio"], schedule=s["schedule"], negatives=s["negatives"])
+    write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_stamp(params["seed"], s))
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")
     return tmp_path
 

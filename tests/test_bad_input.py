@@ -96,7 +96,8 @@ def valid_project(tmp_path_factory, tiny_model_dir) -> Path:
     pairs = translate.pairs_from_source(questions, candidates)
     write_parquet(pairs, root / "data/parallel/pairs.parquet", made_by={"data.train": "xquad_r", "translate.model": None})
     sampler = params["sampler"]
-    plan = batches.plan_batches(batches.groups_from_pairs(pairs), seed=params["seed"], **sampler)
+    plan_params = {key: value for key, value in sampler.items() if key != "negatives"}
+    plan = batches.plan_batches(batches.groups_from_pairs(pairs), seed=params["seed"], **plan_params)
     write_parquet(plan, root / "data/batches/plan.parquet", made_by={"seed": params["seed"], "sampler": sampler})
     shutil.copytree(tiny_model_dir, root / "models/base")
     shutil.copytree(tiny_model_dir, root / "models/retriever")
@@ -219,6 +220,13 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("encoding batch as text", "evaluate", lambda p: p.params(**{"evaluate.batch_size": "16"}), r"params.yaml: evaluate.batch_size: expected an integer, got the string '16'"),
     ("unknown precision", "evaluate", lambda p: p.params(**{"evaluate.precision": "fp16"}), r"params.yaml: evaluate.precision: 'fp16' is not one of auto, fp32, bf16.*"),
     ("hub id offline", "base_model", lambda p: p.params(**{"model.base": "no-such-org/no-such-model"}), r"params.yaml: model.base: .*no-such-org/no-such-model.*"),
+    # training strategies (issue 17)
+    ("sampler.unit kept", "batches", lambda p: _add_param(p, "sampler", "unit", "pair"), r"params.yaml: sampler.unit: replaced by sampler.schedule \(unit: batch -> schedule: hybrid, unit: pair -> schedule: pair\)"),
+    ("unknown schedule", "batches", lambda p: p.params(**{"sampler.schedule": "curriculum"}), r"params.yaml: sampler.schedule: 'curriculum' is not one of hybrid, sequential, multitask, pair"),
+    ("unknown negatives mode", "batches", lambda p: p.params(**{"sampler.negatives": "bm25"}), r"params.yaml: sampler.negatives: 'bm25' is not one of none, paragraph, query_language"),
+    ("negatives without the questions", "batches", lambda p: p.params(**{"sampler.negatives": "paragraph"}), r"data/parallel/questions.parquet: file not found"),
+    ("adversarial weight below 0", "train", lambda p: p.params(**{"train.adversarial_weight": -1}), r"params.yaml: train.adversarial_weight: -1 must be >= 0"),
+    ("unknown query noise", "train", lambda p: p.params(**{"train.query_noise": ["blur"]}), r"params.yaml: train.query_noise\[0\]: unknown noise 'blur'"),
     ("translation model offline", "translate", lambda p: p.params(**{"translate.model": "no-such-org/no-such-nllb"}), r"params.yaml: translate.model: cannot load 'no-such-org/no-such-nllb'"),
 ]  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,9 +17,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline import batches
-from pipeline.batches import groups_from_pairs, plan_batches, plan_summary
+from pipeline.batches import groups_from_pairs, plan_batches, plan_negatives, plan_summary
 from pipeline.common import PipelineError, write_parquet
-from pipeline.contracts import PAIRS_SCHEMA, PLAN_SCHEMA
+from pipeline.contracts import CANDIDATES_SCHEMA, PAIRS_SCHEMA, PLAN_SCHEMA, QUESTIONS_SCHEMA
 from tests.helpers import write_params
 
 REPO = Path(__file__).parents[1]
@@ -47,15 +48,46 @@ def pairs_table(groups: dict[str, list[str]]) -> pa.Table:
     return pa.Table.from_pylist([dict(zip(PAIRS_SCHEMA.names, row)) for row in data], schema=PAIRS_SCHEMA)
 
 
-def limit_for(groups: dict[str, list[str]], ratio: float, unit: str) -> int:
-    """The largest batch_size every drawable batch kind can fill with distinct groups."""
-    langs = {lang for ls in groups.values() for lang in ls}
-    limits = [len(groups)]
-    if ratio < 1:
-        limits.append(sum(len(set(ls)) >= 2 for ls in groups.values()))
-    if unit == "batch" and ratio > 0:
-        limits += [sum(lang in ls for ls in groups.values()) for lang in langs]
-    return min(limits)
+def corpus(groups: dict[str, list[str]], sentences: int = 3, per_paragraph: int = 2) -> tuple[pa.Table, pa.Table]:
+    """Questions and candidates for `groups`: in each language, `per_paragraph` groups share a
+    paragraph of `sentences` sentences, answered by its first sentences in turn."""
+    questions, candidates = [], []
+    for lang in sorted({lang for ls in groups.values() for lang in ls}):
+        having = [g for g in sorted(groups) if lang in groups[g]]
+        for p, start in enumerate(range(0, len(having), per_paragraph)):
+            first = len(candidates) - sum(c["lang"] != lang for c in candidates)
+            candidates += [
+                {"lang": lang, "candidate": first + i, "paragraph": p, "sentence_index": i, "sentence": f"{lang} p{p} s{i}"}
+                for i in range(sentences)
+            ]
+            questions += [
+                {"group_id": g, "lang": lang, "question": f"{g} {lang}?", "answer_candidate": first + i % sentences}
+                for i, g in enumerate(having[start : start + per_paragraph])
+            ]
+    return pa.Table.from_pylist(questions, schema=QUESTIONS_SCHEMA), pa.Table.from_pylist(candidates, schema=CANDIDATES_SCHEMA)
+
+
+def fits(groups: dict[str, list[str]], ratio: float, schedule: str, batch_size: int, steps: int) -> bool:
+    """Whether every batch the params can draw finds batch_size distinct eligible groups, worked out
+    here from the groups (not with the planner's own check)."""
+    langs = sorted({lang for ls in groups.values() for lang in ls})
+    multi = {g for g, ls in groups.items() if len(set(ls)) >= 2}
+    having = {lang: {g for g, ls in groups.items() if lang in ls} for lang in langs}
+    if schedule == "multitask":
+        mono, cross = round(ratio * batch_size), batch_size - round(ratio * batch_size)
+        mono_ok = mono == 0 or all(len(having[lang]) >= mono for lang in langs)
+        # the cross rows must fit beside any mono rows the batch drew first
+        cross_ok = cross == 0 or (len(langs) >= 2 and all(len(multi) - min(mono, len(having[lang] & multi)) >= cross for lang in langs))
+        return mono_ok and cross_ok
+    if schedule == "sequential":
+        mono, cross = round(ratio * steps) > 0, round(ratio * steps) < steps
+    else:
+        mono, cross = ratio > 0, ratio < 1
+    if cross and (len(langs) < 2 or len(multi) < batch_size):
+        return False
+    if schedule == "pair":
+        return cross or len(groups) >= batch_size
+    return not mono or all(len(having[lang]) >= batch_size for lang in langs)
 
 
 group_collections = st.dictionaries(
@@ -64,39 +96,46 @@ group_collections = st.dictionaries(
     min_size=1,
     max_size=30,
 )
+SCHEDULES = ["hybrid", "sequential", "multitask", "pair"]
 
 
 # --- properties over random group collections ---------------------------------------
+
+
+def feasible_batch_size(groups, ratio, schedule, steps, data) -> int:
+    sizes = [size for size in range(1, len(groups) + 1) if fits(groups, ratio, schedule, size, steps)]
+    assume(sizes)
+    return data.draw(st.sampled_from(sizes))
 
 
 @few_examples
 @given(
     groups=group_collections,
     ratio=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
-    unit=st.sampled_from(["batch", "pair"]),
+    schedule=st.sampled_from(SCHEDULES),
+    order=st.sampled_from(["mono_first", "cross_first"]),
     steps=st.integers(1, 40),
     seed=st.integers(0, 2**32),
     data=st.data(),
 )
-def test_plan_invariants(groups, ratio, unit, steps, seed, data):
-    limit = limit_for(groups, ratio, unit)
-    assume(limit >= 1 and (ratio == 1 or len({lang for ls in groups.values() for lang in ls}) >= 2))
-    batch_size = data.draw(st.integers(1, limit))
-    plan = plan_batches(groups, ratio, unit, batch_size, steps, seed)
+def test_plan_invariants(groups, ratio, schedule, order, steps, seed, data):
+    batch_size = feasible_batch_size(groups, ratio, schedule, steps, data)
+    plan = plan_batches(groups, ratio, schedule, order, batch_size, steps, seed)
 
     assert plan.schema.equals(PLAN_SCHEMA)
     assert plan.num_rows == steps * batch_size
     assert plan["batch"].to_pylist() == [b for b in range(steps) for _ in range(batch_size)]
+    assert plan["negative_lang"].null_count == plan["negative_candidate"].null_count == plan.num_rows
     for batch in by_batch(plan).values():
         assert len({row["group_id"] for row in batch}) == batch_size  # no group twice in a batch
         for row in batch:
             assert row["query_lang"] in groups[row["group_id"]]
             assert row["passage_lang"] in groups[row["group_id"]]
             assert (row["kind"] == "mono") == (row["query_lang"] == row["passage_lang"])
-        if unit == "batch":
+        if schedule in ("hybrid", "sequential"):
             assert len({row["kind"] for row in batch}) == 1
-            if batch[0]["kind"] == "mono":
-                assert len({row["query_lang"] for row in batch}) == 1
+        if schedule != "pair":  # one language for the mono rows of a batch
+            assert len({row["query_lang"] for row in batch if row["kind"] == "mono"}) <= 1
     kinds = set(plan["kind"].to_pylist())
     if ratio == 1:
         assert kinds == {"mono"}
@@ -105,10 +144,55 @@ def test_plan_invariants(groups, ratio, unit, steps, seed, data):
 
 
 @few_examples
+@given(
+    groups=group_collections,
+    ratio=st.floats(0, 1),
+    order=st.sampled_from(["mono_first", "cross_first"]),
+    steps=st.integers(1, 40),
+    seed=st.integers(0, 2**32),
+    data=st.data(),
+)
+def test_sequential_trains_round_ratio_steps_mono_batches_first_or_last(groups, ratio, order, steps, seed, data):
+    batch_size = feasible_batch_size(groups, ratio, "sequential", steps, data)
+    plan = plan_batches(groups, ratio, "sequential", order, batch_size, steps, seed)
+    mono_batches = [batch[0]["kind"] == "mono" for batch in by_batch(plan).values()]
+    n_mono = round(ratio * steps)
+    expected = [True] * n_mono + [False] * (steps - n_mono)
+    assert mono_batches == (expected if order == "mono_first" else expected[::-1])
+
+
+@few_examples
+@given(groups=group_collections, ratio=st.floats(0, 1), steps=st.integers(1, 40), seed=st.integers(0, 2**32), data=st.data())
+def test_multitask_batches_hold_both_tasks_in_fixed_counts(groups, ratio, steps, seed, data):
+    batch_size = feasible_batch_size(groups, ratio, "multitask", steps, data)
+    plan = plan_batches(groups, ratio, "multitask", "mono_first", batch_size, steps, seed)
+    n_mono = round(ratio * batch_size)
+    for batch in by_batch(plan).values():
+        assert [row["kind"] for row in batch] == ["mono"] * n_mono + ["cross"] * (batch_size - n_mono)
+        assert len({row["query_lang"] for row in batch[:n_mono]}) <= 1
+
+
+@few_examples
+@given(
+    groups=group_collections,
+    ratio=st.sampled_from([0.0, 0.25, 0.5, 0.8, 1.0]),
+    schedule=st.sampled_from(SCHEDULES),
+    batch_size=st.integers(1, 12),
+    steps=st.integers(1, 12),
+)
+def test_the_planner_refuses_exactly_the_groups_that_cannot_fill_a_batch(groups, ratio, schedule, batch_size, steps):
+    if fits(groups, ratio, schedule, batch_size, steps):
+        assert plan_batches(groups, ratio, schedule, "mono_first", batch_size, steps, 0).num_rows == batch_size * steps
+    else:
+        with pytest.raises(PipelineError, match=r"^params.yaml: sampler\.(batch_size|ratio): "):
+            plan_batches(groups, ratio, schedule, "mono_first", batch_size, steps, 0)
+
+
+@few_examples
 @given(n_groups=st.integers(1, 40), batch_size=st.integers(1, 40), steps=st.integers(1, 60), seed=st.integers(0, 999))
 def test_groups_used_evenly_in_one_language(n_groups, batch_size, steps, seed):
     assume(batch_size <= n_groups)
-    plan = plan_batches(full_groups(n_groups, ["en"]), 1.0, "batch", batch_size, steps, seed)
+    plan = plan_batches(full_groups(n_groups, ["en"]), 1.0, "hybrid", "mono_first", batch_size, steps, seed)
     counts = Counter(plan["group_id"].to_pylist())
     uses = [counts[g] for g in full_groups(n_groups)]
     assert max(uses) - min(uses) <= 1
@@ -116,17 +200,134 @@ def test_groups_used_evenly_in_one_language(n_groups, batch_size, steps, seed):
         assert set(uses) == {steps * batch_size // n_groups}
 
 
-@pytest.mark.parametrize("unit", ["batch", "pair"])
-def test_cross_pool_used_evenly(unit):
+@pytest.mark.parametrize("schedule", ["hybrid", "sequential", "multitask", "pair"])
+def test_cross_pool_used_evenly(schedule):
     groups = {**full_groups(13), "solo": ["en"]}  # a one-language group cannot be cross
-    plan = plan_batches(groups, 0.0, unit, 5, 26, seed=3)  # 130 pairs = 10 passes over 13 groups
+    plan = plan_batches(groups, 0.0, schedule, "mono_first", 5, 26, seed=3)  # 130 pairs = 10 passes over 13 groups
     assert Counter(plan["group_id"].to_pylist()) == {g: 10 for g in full_groups(13)}
 
 
+@pytest.mark.parametrize("schedule", ["sequential", "multitask"])
+def test_new_schedules_use_each_pool_evenly(schedule):
+    """Each language's pool and the cross pool are walked in passes. multitask's cross rows skip
+    the groups its mono rows hold, which are owed a use: its cross counts differ by up to two."""
+    groups = full_groups(30, ["de", "en"])
+    plan = rows(plan_batches(groups, 0.5, schedule, "mono_first", 8, 80, seed=4))  # 320 rows of each kind
+    pools = {("mono", "de"): Counter(), ("mono", "en"): Counter(), ("cross", None): Counter()}
+    for r in plan:
+        pools[(r["kind"], r["query_lang"] if r["kind"] == "mono" else None)][r["group_id"]] += 1
+    assert sum(map(sum, (pool.values() for pool in pools.values()))) == 640
+    for (kind, _), uses in pools.items():
+        counts = [uses[g] for g in groups]
+        assert max(counts) - min(counts) <= (2 if schedule == "multitask" and kind == "cross" else 1)
+
+
 def test_batch_as_large_as_the_pool_is_a_permutation_every_time():
-    plan = plan_batches(full_groups(7), 0.5, "batch", 7, 50, seed=1)
+    plan = plan_batches(full_groups(7), 0.5, "hybrid", "mono_first", 7, 50, seed=1)
     for batch in by_batch(plan).values():
         assert sorted(row["group_id"] for row in batch) == sorted(full_groups(7))
+
+
+# --- hard negatives -----------------------------------------------------------------
+
+
+@st.composite
+def paragraphs(draw, groups: dict[str, list[str]]) -> tuple[pa.Table, pa.Table]:
+    """Questions and candidates for `groups`: per language, the groups' answers spread over
+    paragraphs of 1-5 sentences; some paragraphs repeat a sentence's text."""
+    questions, candidates = [], []
+    for lang in sorted({lang for ls in groups.values() for lang in ls}):
+        having = draw(st.permutations(sorted(g for g in groups if lang in groups[g])))
+        paragraph, n_candidates, position = 0, 0, 0
+        while position < len(having):
+            members = having[position : position + draw(st.integers(1, 3))]
+            position += len(members)
+            size = draw(st.integers(1, 5))
+            texts = [f"{lang} p{paragraph} s{i}" for i in range(size)]
+            if size > 2 and draw(st.booleans()):
+                texts[2] = texts[0]  # the same text twice: it embeds the same, so it is the answer too
+            candidates += [
+                {"lang": lang, "candidate": n_candidates + i, "paragraph": paragraph, "sentence_index": i, "sentence": text}
+                for i, text in enumerate(texts)
+            ]
+            questions += [
+                {"group_id": g, "lang": lang, "question": f"{g}?", "answer_candidate": n_candidates + draw(st.integers(0, size - 1))}
+                for g in members
+            ]
+            paragraph, n_candidates = paragraph + 1, n_candidates + size
+    return pa.Table.from_pylist(questions, schema=QUESTIONS_SCHEMA), pa.Table.from_pylist(candidates, schema=CANDIDATES_SCHEMA)
+
+
+@few_examples
+@given(
+    groups=group_collections,
+    ratio=st.sampled_from([0.0, 0.5, 1.0]),
+    schedule=st.sampled_from(SCHEDULES),
+    mode=st.sampled_from(["paragraph", "query_language"]),
+    steps=st.integers(1, 10),
+    seed=st.integers(0, 2**32),
+    data=st.data(),
+)
+def test_every_negative_is_another_sentence_of_the_answers_paragraph(groups, ratio, schedule, mode, steps, seed, data):
+    batch_size = feasible_batch_size(groups, ratio, schedule, steps, data)
+    questions, candidates = data.draw(paragraphs(groups))
+    plan = plan_batches(groups, ratio, schedule, "mono_first", batch_size, steps, seed)
+    with_negatives = plan_negatives(plan, questions, candidates, mode, seed)
+
+    assert with_negatives.schema.equals(PLAN_SCHEMA)
+    assert with_negatives.drop_columns(["negative_lang", "negative_candidate"]).equals(
+        plan.drop_columns(["negative_lang", "negative_candidate"])
+    )  # the batches stay as planned
+    answer = {(q["group_id"], q["lang"]): q["answer_candidate"] for q in questions.to_pylist()}
+    sentence = {(c["lang"], c["candidate"]): c for c in candidates.to_pylist()}
+    for batch in by_batch(with_negatives).values():
+        positives = {sentence[(r["passage_lang"], answer[(r["group_id"], r["passage_lang"])])]["sentence"] for r in batch}
+        for row in batch:
+            lang = row["passage_lang"] if mode == "paragraph" else row["query_lang"]
+            own = sentence[(lang, answer[(row["group_id"], lang)])]
+            allowed = {
+                c["candidate"]
+                for c in sentence.values()
+                if (c["lang"], c["paragraph"]) == (lang, own["paragraph"]) and c["sentence"] not in positives | {own["sentence"]}
+            }
+            if not allowed:  # e.g. a one-sentence paragraph
+                assert row["negative_lang"] is None and row["negative_candidate"] is None
+                continue
+            assert row["negative_lang"] == lang  # the passage's language, or the query's
+            assert row["negative_candidate"] in allowed  # its paragraph; not the answer; no positive of the batch
+    skipped = with_negatives["negative_candidate"].null_count
+    assert plan_summary(with_negatives, len(groups), mode)["negatives.skipped"] == skipped
+    assert plan_negatives(plan, questions, candidates, mode, seed).equals(with_negatives)
+
+
+def test_negatives_in_the_query_language_come_from_that_languages_paragraph():
+    groups = full_groups(8, ["de", "en"])
+    questions, candidates = corpus(groups, sentences=4)
+    plan = plan_batches(groups, 0.0, "hybrid", "mono_first", 4, 10, seed=1)
+    for mode in ("paragraph", "query_language"):
+        rows_ = rows(plan_negatives(plan, questions, candidates, mode, seed=1))
+        assert all(r["negative_lang"] == r["passage_lang" if mode == "paragraph" else "query_lang"] for r in rows_)
+        assert all(r["negative_lang"] != r["query_lang" if mode == "paragraph" else "passage_lang"] for r in rows_)  # all cross
+
+
+def test_one_sentence_paragraphs_get_no_negative_and_are_counted():
+    groups = full_groups(8, ["de", "en"])
+    questions, candidates = corpus(groups, sentences=1)
+    plan = plan_negatives(plan_batches(groups, 0.5, "hybrid", "mono_first", 4, 5, 0), questions, candidates, "paragraph", 0)
+    assert plan["negative_candidate"].null_count == plan.num_rows
+    metrics = plan_summary(plan, 8, "paragraph")
+    assert metrics["negatives.planned"] == 0 and metrics["negatives.skipped"] == 20
+
+
+def test_a_plan_group_without_a_question_is_named():
+    groups = full_groups(8, ["de", "en"])
+    questions, candidates = corpus(groups)
+    plan = plan_batches(groups, 0.5, "hybrid", "mono_first", 4, 5, 0)
+    without = questions.filter(pa.compute.not_equal(questions["group_id"], plan["group_id"][0]))
+    with pytest.raises(
+        PipelineError, match=r"^data/parallel/questions.parquet: group 'q\d+' has no '(de|en)' question, but the plan has its pair$"
+    ):
+        plan_negatives(plan, without, candidates, "paragraph", 0)
 
 
 # --- distributions ------------------------------------------------------------------
@@ -135,7 +336,7 @@ def test_batch_as_large_as_the_pool_is_a_permutation_every_time():
 @pytest.mark.parametrize("ratio", [0.2, 0.5, 0.9])
 def test_share_of_mono_batches_is_close_to_ratio(ratio):
     steps = 2000
-    plan = plan_batches(full_groups(20), ratio, "batch", 4, steps, seed=7)
+    plan = plan_batches(full_groups(20), ratio, "hybrid", "mono_first", 4, steps, seed=7)
     metrics = plan_summary(plan, 20)
     assert metrics["batches.mono"] + metrics["batches.cross"] == steps
     assert metrics["batches.mixed"] == 0
@@ -145,7 +346,7 @@ def test_share_of_mono_batches_is_close_to_ratio(ratio):
 
 def test_mono_batch_languages_and_cross_language_pairs_are_uniform():
     steps = 3000
-    plan = plan_batches(full_groups(10, ["de", "en", "zh"]), 0.5, "batch", 2, steps, seed=11)
+    plan = plan_batches(full_groups(10, ["de", "en", "zh"]), 0.5, "hybrid", "mono_first", 2, steps, seed=11)
     batch_langs = Counter(batch[0]["query_lang"] for batch in by_batch(plan).values() if batch[0]["kind"] == "mono")
     assert set(batch_langs) == {"de", "en", "zh"}
     n_mono = sum(batch_langs.values())
@@ -158,13 +359,13 @@ def test_mono_batch_languages_and_cross_language_pairs_are_uniform():
 
 def test_cross_pairs_only_use_a_groups_own_languages():
     groups = {f"a{i}": ["de", "en"] for i in range(4)} | {f"b{i}": ["es", "hi"] for i in range(4)}
-    plan = plan_batches(groups, 0.0, "batch", 8, 50, seed=0)
+    plan = plan_batches(groups, 0.0, "hybrid", "mono_first", 8, 50, seed=0)
     pairs = {(r["query_lang"], r["passage_lang"]) for r in rows(plan)}
     assert pairs == {("de", "en"), ("en", "de"), ("es", "hi"), ("hi", "es")}
 
 
-def test_pair_unit_mixes_kinds_within_batches():
-    plan = plan_batches(full_groups(40), 0.5, "pair", 16, 200, seed=5)
+def test_pair_schedule_mixes_kinds_within_batches():
+    plan = plan_batches(full_groups(40), 0.5, "pair", "mono_first", 16, 200, seed=5)
     metrics = plan_summary(plan, 40)
     assert metrics["batches.mixed"] > 190
     assert abs(metrics["mono_share"] - 0.5) < 4 * (0.25 / plan.num_rows) ** 0.5
@@ -172,9 +373,9 @@ def test_pair_unit_mixes_kinds_within_batches():
     assert set(mono_langs) == set(LANGS)
 
 
-def test_pair_unit_with_ratio_one_may_use_single_language_groups():
+def test_pair_schedule_with_ratio_one_may_use_single_language_groups():
     groups = {f"q{i}": [LANGS[i % 5]] for i in range(10)}
-    plan = plan_batches(groups, 1.0, "pair", 10, 3, seed=0)
+    plan = plan_batches(groups, 1.0, "pair", "mono_first", 10, 3, seed=0)
     assert set(plan["kind"].to_pylist()) == {"mono"}
     assert all(r["query_lang"] == groups[r["group_id"]][0] for r in rows(plan))
 
@@ -184,33 +385,62 @@ def test_pair_unit_with_ratio_one_may_use_single_language_groups():
 
 def test_same_seed_same_plan_different_seed_different_plan(tmp_path):
     groups = full_groups(30)
-    first, second = (plan_batches(groups, 0.5, "batch", 8, 40, seed=42) for _ in range(2))
+    first, second = (plan_batches(groups, 0.5, "hybrid", "mono_first", 8, 40, seed=42) for _ in range(2))
     assert first.equals(second)
     made_by = {"seed": 42, "sampler": {"ratio": 0.5}}
     write_parquet(first, tmp_path / "a.parquet", made_by=made_by)
     write_parquet(second, tmp_path / "b.parquet", made_by=made_by)
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
-    assert not plan_batches(groups, 0.5, "batch", 8, 40, seed=43).equals(first)
+    assert not plan_batches(groups, 0.5, "hybrid", "mono_first", 8, 40, seed=43).equals(first)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("negatives", ["none", "paragraph", "query_language"])
+def test_every_schedule_and_negatives_mode_is_deterministic_per_seed(schedule, negatives):
+    groups = full_groups(30, ["de", "en", "es"])
+    questions, candidates = corpus(groups, sentences=3)
+
+    def plan(seed: int) -> pa.Table:
+        return plan_negatives(plan_batches(groups, 0.5, schedule, "cross_first", 8, 20, seed), questions, candidates, negatives, seed)
+
+    assert plan(42).equals(plan(42))
+    assert not plan(43).equals(plan(42))
+
+
+@pytest.mark.parametrize(
+    "schedule, ratio, digest",
+    [("hybrid", 0.3, "479f16f07ea476df"), ("hybrid", 1.0, "98848889c167bb44"), ("pair", 0.5, "b6afa17c3f1f7c79")],
+)
+def test_hybrid_and_pair_plan_the_batches_sampler_unit_planned(schedule, ratio, digest):
+    """The digests of plans made by `sampler.unit: batch | pair` before the schedules existed: a seed's plan stays."""
+    groups = {f"q{i:03d}": LANGS[: 2 + i % 4] for i in range(60)} | {"solo": ["en"], "solo2": ["de"]}
+    plan = plan_batches(groups, ratio, schedule, "mono_first", 8, 50, 42).select(
+        ["batch", "group_id", "query_lang", "passage_lang", "kind"]
+    )
+    assert hashlib.sha256(str(plan.to_pydict()).encode()).hexdigest()[:16] == digest
 
 
 def test_plan_ignores_the_order_of_groups_and_languages():
     groups = {"b": ["en", "de"], "a": ["de", "en", "es"], "c": ["es", "de"]}
     shuffled = {g: list(reversed(groups[g])) for g in reversed(list(groups))}
-    assert plan_batches(groups, 0.5, "batch", 2, 30, 1).equals(plan_batches(shuffled, 0.5, "batch", 2, 30, 1))
+    assert plan_batches(groups, 0.5, "hybrid", "mono_first", 2, 30, 1).equals(plan_batches(shuffled, 0.5, "hybrid", "mono_first", 2, 30, 1))
 
 
 # --- metrics ------------------------------------------------------------------------
 
 
+NO_NEGATIVE = {"negative_lang": None, "negative_candidate": None}
+
+
 def test_summarize_counts_kinds_and_language_pairs():
     plan = pa.Table.from_pylist(
         [
-            {"batch": 0, "group_id": "a", "query_lang": "en", "passage_lang": "en", "kind": "mono"},
-            {"batch": 0, "group_id": "b", "query_lang": "en", "passage_lang": "en", "kind": "mono"},
-            {"batch": 1, "group_id": "a", "query_lang": "en", "passage_lang": "de", "kind": "cross"},
-            {"batch": 1, "group_id": "b", "query_lang": "de", "passage_lang": "en", "kind": "cross"},
-            {"batch": 2, "group_id": "a", "query_lang": "de", "passage_lang": "de", "kind": "mono"},
-            {"batch": 2, "group_id": "c", "query_lang": "en", "passage_lang": "de", "kind": "cross"},
+            {"batch": 0, "group_id": "a", "query_lang": "en", "passage_lang": "en", "kind": "mono", **NO_NEGATIVE},
+            {"batch": 0, "group_id": "b", "query_lang": "en", "passage_lang": "en", "kind": "mono", **NO_NEGATIVE},
+            {"batch": 1, "group_id": "a", "query_lang": "en", "passage_lang": "de", "kind": "cross", **NO_NEGATIVE},
+            {"batch": 1, "group_id": "b", "query_lang": "de", "passage_lang": "en", "kind": "cross", **NO_NEGATIVE},
+            {"batch": 2, "group_id": "a", "query_lang": "de", "passage_lang": "de", "kind": "mono", **NO_NEGATIVE},
+            {"batch": 2, "group_id": "c", "query_lang": "en", "passage_lang": "de", "kind": "cross", **NO_NEGATIVE},
         ],
         schema=PLAN_SCHEMA,
     )
@@ -222,6 +452,8 @@ def test_summarize_counts_kinds_and_language_pairs():
         "mono_share": 0.5,
         "groups": 4,
         "epochs": 1.5,
+        "negatives.planned": 0,
+        "negatives.skipped": 0,
         "pairs.en-en": 2,
         "pairs.en-de": 2,
         "pairs.de-en": 1,
@@ -231,7 +463,7 @@ def test_summarize_counts_kinds_and_language_pairs():
 
 # --- bad input ----------------------------------------------------------------------
 
-GOOD = {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 10, "seed": 0}
+GOOD = {"ratio": 0.5, "schedule": "hybrid", "order": "mono_first", "batch_size": 4, "steps": 10, "seed": 0}
 
 
 @pytest.mark.parametrize(
@@ -249,12 +481,12 @@ GOOD = {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 10, "seed": 0}
         ),
         (
             full_groups(3, ["de", "en"]),
-            {"ratio": 0.5, "unit": "pair"},
+            {"ratio": 0.5, "schedule": "pair"},
             "params.yaml: sampler.batch_size: 4 is larger than the 3 groups with two or more languages (a batch needs 4 distinct groups)",
         ),
         (
             full_groups(3, ["en"]),
-            {"ratio": 1.0, "unit": "pair"},
+            {"ratio": 1.0, "schedule": "pair"},
             "params.yaml: sampler.batch_size: 4 is larger than the 3 groups (a batch needs 4 distinct groups)",
         ),
         (
@@ -272,9 +504,9 @@ def test_groups_that_cannot_fill_a_batch(groups, change, message):
 
 
 def test_checks_only_the_batch_kinds_that_can_be_drawn():
-    assert plan_batches(full_groups(10, ["en"]), 1.0, "batch", 4, 3, 0).num_rows == 12
+    assert plan_batches(full_groups(10, ["en"]), 1.0, "hybrid", "mono_first", 4, 3, 0).num_rows == 12
     few_in_zh = full_groups(10) | {"x": ["zh", "en"]}
-    assert plan_batches(few_in_zh, 0.0, "batch", 4, 3, 0).num_rows == 12
+    assert plan_batches(few_in_zh, 0.0, "hybrid", "mono_first", 4, 3, 0).num_rows == 12
 
 
 def test_groups_from_pairs():
@@ -304,7 +536,7 @@ def test_bad_pairs(table, message):
 
 
 def write_stage(root: Path, groups: dict[str, list[str]] | None, **sampler) -> None:
-    sampler = {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 6, **sampler}
+    sampler = {"ratio": 0.5, "schedule": "hybrid", "order": "mono_first", "batch_size": 4, "steps": 6, "negatives": "none", **sampler}
     write_params(root, seed=42, **{"data.train": "mlqa_r"}, **{f"sampler.{k}": v for k, v in sampler.items()})
     if groups is not None:
         write_parquet(pairs_table(groups), root / "data/parallel/pairs.parquet", made_by={"data.train": "mlqa_r"})
@@ -331,13 +563,31 @@ def test_main_writes_plan_and_metrics(tmp_path, monkeypatch, capsys):
     assert plan.schema.remove_metadata().equals(PLAN_SCHEMA)
     assert json.loads(plan.schema.metadata[b"hybridir.params"]) == {
         "seed": 42,
-        "sampler": {"ratio": 0.5, "unit": "batch", "batch_size": 4, "steps": 6},
+        "sampler": {"ratio": 0.5, "schedule": "hybrid", "order": "mono_first", "batch_size": 4, "steps": 6, "negatives": "none"},
     }
     metrics = json.loads((tmp_path / "metrics/batches.json").read_text())
     assert metrics["groups"] == 8 and metrics["pairs_total"] == 24 and metrics["epochs"] == 3.0
     assert metrics["batches.mono"] + metrics["batches.cross"] == 6
     assert sum(v for k, v in metrics.items() if k.startswith("pairs.")) == 24
     assert "batches: 6 x 4 pairs" in capsys.readouterr().out
+
+
+def test_main_plans_hard_negatives_from_the_parallel_tables(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    groups = full_groups(8, ["de", "en"])
+    write_stage(tmp_path, groups, schedule="multitask", negatives="query_language")
+    with pytest.raises(PipelineError, match=r"^data/parallel/questions.parquet: file not found"):
+        batches.main()
+    questions, candidates = corpus(groups, sentences=3)
+    write_parquet(questions, tmp_path / "data/parallel/questions.parquet", made_by={"data.train": "mlqa_r"})
+    write_parquet(candidates, tmp_path / "data/parallel/candidates.parquet", made_by={"data.train": "mlqa_r"})
+    batches.main()
+    plan = pq.read_table(tmp_path / "data/batches/plan.parquet")
+    assert plan["negative_candidate"].null_count < plan.num_rows
+    assert json.loads(plan.schema.metadata[b"hybridir.params"])["sampler"]["negatives"] == "query_language"
+    metrics = json.loads((tmp_path / "metrics/batches.json").read_text())
+    assert metrics["negatives.planned"] + metrics["negatives.skipped"] == 24 and metrics["batches.mixed"] == 6
+    assert "multitask schedule" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

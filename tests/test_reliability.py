@@ -169,11 +169,11 @@ def test_ctrl_c_during_train_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
 
 def test_training_twice_with_one_seed_gives_the_same_weights_on_cpu(tiny_model_dir):
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=4), pairs, "query: ", "passage: ")
+    batches = train.plan_texts(make_plan(pairs, steps=4), pairs, "query: ", "passage: ")
     runs = []
     for _ in range(2):
         model = load(tiny_model_dir)
-        summary = train.train(model, queries, passages, CONFIG)
+        summary = train.train(model, batches, CONFIG)
         runs.append((summary["final_loss"], model.state_dict()))
     (loss_a, a), (loss_b, b) = runs
     assert abs(loss_a - loss_b) < 1e-6

@@ -30,10 +30,9 @@ def without_dropout(model):
     return model
 
 
-def planned_batch(size: int = 8) -> tuple[list[str], list[str]]:
+def planned_batch(size: int = 8) -> train.PlannedBatch:
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=1, batch_size=size), pairs, "query: ", "passage: ")
-    return queries[0], passages[0]
+    return train.plan_texts(make_plan(pairs, steps=1, batch_size=size), pairs, "query: ", "passage: ")[0]
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -43,11 +42,12 @@ def gradients(model) -> dict[str, torch.Tensor]:
 def test_cached_gradients_equal_the_whole_batch_and_sentence_transformers(tiny_model_dir):
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
-    queries, passages = planned_batch(8)
+    batch = planned_batch(8)
+    queries, passages = batch.queries, batch.passages
     results = {}
     for chunk in (None, 3, 8):  # whole batch; uneven chunks; one chunk
         model = without_dropout(load(tiny_model_dir))
-        loss = train.contrastive_step(model, queries, passages, 0.05, World(), chunk, bf16=False)
+        loss, _ = train.contrastive_step(model, batch, 0.05, World(), chunk, bf16=False)
         results[chunk] = loss.item(), gradients(model)
     reference = without_dropout(load(tiny_model_dir))
     st_loss = CachedMultipleNegativesRankingLoss(reference, scale=1 / 0.05, mini_batch_size=3)
@@ -67,10 +67,11 @@ def test_cached_gradients_equal_the_whole_batch_and_sentence_transformers(tiny_m
 
 def test_cached_gradients_replay_dropout(tiny_model_dir):
     """With dropout on, each re-embedded chunk must see the masks of its first pass."""
-    queries, passages = planned_batch(8)
+    batch = planned_batch(8)
+    queries, passages = batch.queries, batch.passages
     cached = load(tiny_model_dir).train()
     torch.manual_seed(0)
-    loss = train.contrastive_step(cached, queries, passages, 0.05, World(), 4, bf16=False)
+    loss, _ = train.contrastive_step(cached, batch, 0.05, World(), 4, bf16=False)
     direct = load(tiny_model_dir).train()
     torch.manual_seed(0)  # the same masks: the same chunks in the same order, with the graph kept
     parts = [train.embed(direct, c) for c in (queries[:4], queries[4:], passages[:4], passages[4:])]
@@ -95,13 +96,13 @@ def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -
     if world_size > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     model = without_dropout(load(Path(model_dir)))
-    queries, passages = planned_batch(8)
+    batch = planned_batch(8)
     world = World(rank=rank, size=world_size)
     # AdamW's first step is lr * g / (|g| + eps): for weights whose gradient is ~eps, the
     # last-bit differences of summing over 2 ranks move the update by up to lr * 0.1, so a
     # small lr keeps that below the tolerance while every weight still moves.
     config = replace(CONFIG, warmup_ratio=0.0, lr=1e-5)
-    summary = train.train(model, [queries], [passages], config, train.TrainRun(world=world))
+    summary = train.train(model, [batch], config, train.TrainRun(world=world))
     if rank == 0:
         torch.save({"loss": summary["final_loss"], "state": model.state_dict()}, out)
     if world_size > 1:

@@ -18,11 +18,11 @@ from pipeline.sweep import BASE_FILE, METRICS_FILE, plot_sweep, sweep_table
 FIGURES = ("mono_map", "cross_map", "multi_map", "rank_distance")
 
 
-def record(name, ratio, unit, multi, prefix=""):
+def record(name, ratio, schedule, multi, prefix=""):
     return {
         "Experiment": name,
         "sampler.ratio": ratio,
-        "sampler.unit": unit,
+        "sampler.schedule": schedule,
         f"{prefix}xquad_r.mono_map": 0.6,
         f"{prefix}xquad_r.cross_map": 0.5,
         f"{prefix}xquad_r.multi_map": multi,
@@ -30,24 +30,33 @@ def record(name, ratio, unit, multi, prefix=""):
     }
 
 
-def test_sweep_table_keeps_finished_runs_sorted_by_unit_and_ratio():
+def before_schedules(record: dict, unit: str) -> dict:
+    """An experiment run before sampler.schedule replaced sampler.unit."""
+    return {**{k: v for k, v in record.items() if k != "sampler.schedule"}, "sampler.unit": unit}
+
+
+def test_sweep_table_keeps_finished_runs_sorted_by_schedule_and_ratio():
     experiments = [
-        record("hybrid", 0.5, "batch", 0.40),
-        record("mono", 1, "batch", 0.30),
+        record("hybrid", 0.5, "hybrid", 0.40),
+        record("mono", 1, "hybrid", 0.30),
         record("pairwise", 0.5, "pair", 0.35),
-        {"Experiment": "queued", "sampler.ratio": 0.0, "sampler.unit": "batch"},  # no metrics yet
-        record("failed", 0.25, "batch", "!"),  # exp show's mark for an unreadable metrics file
-        record("xy", 0.0, "batch", 0.45),
+        {"Experiment": "queued", "sampler.ratio": 0.0, "sampler.schedule": "hybrid"},  # no metrics yet
+        record("failed", 0.25, "hybrid", "!"),  # exp show's mark for an unreadable metrics file
+        record("xy", 0.0, "hybrid", 0.45),
+        record("sequential", 0.5, "sequential", 0.41),
+        before_schedules(record("old-pairwise", 0.25, "", 0.33), "pair"),
+        before_schedules(record("old-hybrid", 0.25, "", 0.38), "batch"),
     ]
     table = sweep_table(experiments, "xquad_r")
-    assert table["experiment"].tolist() == ["xy", "hybrid", "mono", "pairwise"]
-    assert table["multi_map"].tolist() == [0.45, 0.40, 0.30, 0.35]
+    assert table["experiment"].tolist() == ["xy", "old-hybrid", "hybrid", "mono", "old-pairwise", "pairwise", "sequential"]
+    assert table["schedule"].tolist() == ["hybrid"] * 4 + ["pair"] * 2 + ["sequential"]
+    assert table["multi_map"].tolist() == [0.45, 0.38, 0.40, 0.30, 0.33, 0.35, 0.41]
     assert table["base_multi_map"].isna().all()  # no eval_base columns
 
 
 def test_prefixed_columns_take_eval_json_and_base_from_eval_base():
-    fine = record("hybrid", 0.5, "batch", 0.40, prefix=f"{METRICS_FILE}:")
-    base = record("hybrid", 0.5, "batch", 0.25, prefix=f"{BASE_FILE}:")
+    fine = record("hybrid", 0.5, "hybrid", 0.40, prefix=f"{METRICS_FILE}:")
+    base = record("hybrid", 0.5, "hybrid", 0.25, prefix=f"{BASE_FILE}:")
     both = {**base, **fine}
     both["params.yaml:sampler.ratio"] = both.pop("sampler.ratio")  # another params file has it too
     both["other.yaml:sampler.ratio"] = 9.0
@@ -55,12 +64,12 @@ def test_prefixed_columns_take_eval_json_and_base_from_eval_base():
     assert table.loc[0, ["ratio", "multi_map", "base_multi_map"]].tolist() == [0.5, 0.40, 0.25]
     # A bare name is one file's only: when that file is eval_base.json, it is not the fine-tuned model's.
     with pytest.raises(PipelineError, match="no finished experiment has xquad_r metrics in metrics/eval.json"):
-        sweep_table([record("a", 0.5, "batch", 0.4)], "xquad_r", unprefixed=BASE_FILE)
+        sweep_table([record("a", 0.5, "hybrid", 0.4)], "xquad_r", unprefixed=BASE_FILE)
 
 
 def test_sweep_without_finished_runs_says_so():
     with pytest.raises(PipelineError, match="no finished experiment has mlqa_r metrics"):
-        sweep_table([record("a", 0.5, "batch", 0.4)], "mlqa_r")
+        sweep_table([record("a", 0.5, "hybrid", 0.4)], "mlqa_r")
 
 
 # --- a real experiment table ------------------------------------------------------------
@@ -68,7 +77,7 @@ def test_sweep_without_finished_runs_says_so():
 # The stage: fine-tuned figures depend on the params, the base's do not (as in the project).
 WRITE_METRICS = (
     "import json, os, yaml; s = yaml.safe_load(open('params.yaml'))['sampler']; r = s['ratio']; "
-    "pair = 0.01 if s['unit'] == 'pair' else 0.0; os.makedirs('metrics', exist_ok=True); "
+    "pair = 0.01 if s['schedule'] == 'pair' else 0.0; os.makedirs('metrics', exist_ok=True); "
     "json.dump({'xquad_r': {'mono_map': 0.7 + 0.1 * r, 'cross_map': 0.7 - 0.1 * r, "
     "'multi_map': 0.5 - 0.2 * r + pair, 'rank_distance': 300 + 200 * r}}, open('metrics/eval.json', 'w')); "
     "json.dump({'xquad_r': {'mono_map': 0.65, 'cross_map': 0.55, 'multi_map': 0.25, 'rank_distance': 900}}, "
@@ -76,8 +85,8 @@ WRITE_METRICS = (
 )
 
 
-def fine_tuned(ratio, unit):
-    pair = 0.01 if unit == "pair" else 0.0
+def fine_tuned(ratio, schedule):
+    pair = 0.01 if schedule == "pair" else 0.0
     return {
         "mono_map": 0.7 + 0.1 * ratio,
         "cross_map": 0.7 - 0.1 * ratio,
@@ -103,11 +112,11 @@ def experiments(tmp_path_factory):
     _run(repo, "git", "config", "user.name", "test")
     _run(repo, "git", "config", "user.email", "test@example.com")
     _run(repo, *dvc_cmd, "init", "-q")
-    (repo / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "sampler": {"ratio": 0.5, "unit": "batch"}}))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "sampler": {"ratio": 0.5, "schedule": "hybrid"}}))
     (repo / "extra.yaml").write_text(yaml.safe_dump({"sampler": {"ratio": 9.0}}))  # a decoy: prefixes the param
     stage = {
         "cmd": f'{sys.executable} -c "{WRITE_METRICS}"',
-        "params": ["seed", "sampler.ratio", "sampler.unit", {"extra.yaml": ["sampler.ratio"]}],
+        "params": ["seed", "sampler.ratio", "sampler.schedule", {"extra.yaml": ["sampler.ratio"]}],
         "metrics": [{METRICS_FILE: {"cache": False}}, {BASE_FILE: {"cache": False}}],
     }
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": stage}}, sort_keys=False))
@@ -117,7 +126,7 @@ def experiments(tmp_path_factory):
     for name, args in (
         ("xy", ["-S", "sampler.ratio=0"]),
         ("mono", ["-S", "sampler.ratio=1"]),
-        ("pairwise", ["-S", "sampler.unit=pair", "-S", "sampler.ratio=0.5"]),
+        ("pairwise", ["-S", "sampler.schedule=pair", "-S", "sampler.ratio=0.5"]),
     ):
         _run(repo, *dvc_cmd, "exp", "run", "-q", "-n", name, *args)
     return dvc.api.exp_show(repo=str(repo))
@@ -132,9 +141,9 @@ def test_sweep_table_reads_a_real_exp_show_table(experiments):
     # The workspace row repeats `pairwise` (the last run is applied to it): it is dropped.
     assert table["experiment"].tolist()[0] == "xy" and table["experiment"].tolist()[2:] == ["mono", "pairwise"]
     assert table["experiment"].tolist()[1] not in ("workspace", "xy", "mono", "pairwise")  # the baseline commit
-    assert list(zip(table["unit"], table["ratio"])) == [("batch", 0.0), ("batch", 0.5), ("batch", 1.0), ("pair", 0.5)]
+    assert list(zip(table["schedule"], table["ratio"])) == [("hybrid", 0.0), ("hybrid", 0.5), ("hybrid", 1.0), ("pair", 0.5)]
     for _, row in table.iterrows():
-        want = fine_tuned(row["ratio"], row["unit"])
+        want = fine_tuned(row["ratio"], row["schedule"])
         for key in FIGURES:
             assert row[key] == pytest.approx(want[key]), (row["experiment"], key)
     assert table["base_multi_map"].tolist() == [0.25] * 4
@@ -147,9 +156,9 @@ def test_plot_sweep_draws_the_fine_tuned_lines_and_the_base(experiments, tmp_pat
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for ax, key in zip(fig.axes, FIGURES):
         batch, pair, base = ax.get_lines()
-        assert batch.get_label() == "unit=batch" and pair.get_label() == "unit=pair"
+        assert batch.get_label() == "schedule=hybrid" and pair.get_label() == "schedule=pair"
         assert list(batch.get_xdata()) == [0.0, 0.5, 1.0]
-        assert np.asarray(batch.get_ydata()) == pytest.approx([fine_tuned(r, "batch")[key] for r in (0.0, 0.5, 1.0)])
+        assert np.asarray(batch.get_ydata()) == pytest.approx([fine_tuned(r, "hybrid")[key] for r in (0.0, 0.5, 1.0)])
         assert np.asarray(pair.get_ydata()) == pytest.approx([fine_tuned(0.5, "pair")[key]])
         assert base.get_label() == "zero-shot base" and base.get_linestyle() == "--"
         assert base.get_ydata()[0] == table[f"base_{key}"].iloc[0]

@@ -29,12 +29,13 @@ def test_info_nce_is_cross_entropy_over_in_batch_passages():
 def test_plan_texts_follow_the_plan_with_prefixes():
     pairs = make_pairs()
     plan = make_plan(pairs)
-    queries, passages = train.plan_texts(plan, pairs, "query: ", "passage: ")
-    assert len(queries) == 6 and all(len(b) == 4 for b in queries)
+    batches = train.plan_texts(plan, pairs, "query: ", "passage: ")
+    assert len(batches) == 6 and all(len(b.queries) == len(b.passages) == 4 for b in batches)
     first = plan.slice(0, 1).to_pylist()[0]
     g = first["group_id"][1:]
-    assert queries[0][0] == f"query: {first['query_lang']} question {g} about topic {int(g) * 7}"
-    assert passages[0][0].startswith(f"passage: {first['passage_lang']} passage {g}:")
+    assert batches[0].queries[0] == f"query: {first['query_lang']} question {g} about topic {int(g) * 7}"
+    assert batches[0].passages[0].startswith(f"passage: {first['passage_lang']} passage {g}:")
+    assert batches[0].negatives is None and batches[0].tasks is None  # the plan has neither
 
 
 def test_plan_texts_names_a_pair_missing_from_the_pairs_file():
@@ -45,44 +46,44 @@ def test_plan_texts_names_a_pair_missing_from_the_pairs_file():
         train.plan_texts(plan, without_de, "query: ", "passage: ")
 
 
-def batch_loss(model, queries, passages) -> float:
+def batch_loss(model, batch) -> float:
     with torch.no_grad():  # judged without dropout: a training step's own loss is noisy
-        return train.info_nce_loss(train.embed(model, queries), train.embed(model, passages), 0.05).item()
+        return train.info_nce_loss(train.embed(model, batch.queries), train.embed(model, batch.passages), 0.05).item()
 
 
 def test_training_lowers_the_loss(tiny_model_dir):
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=1), pairs, "query: ", "passage: ")
+    batches = train.plan_texts(make_plan(pairs, steps=1), pairs, "query: ", "passage: ")
     model = load(tiny_model_dir)
-    before = batch_loss(model, queries[0], passages[0])
+    before = batch_loss(model, batches[0])
     unfrozen = train.TrainConfig(**{**CONFIG.__dict__, "freeze_embeddings": False})
-    summary = train.train(model, queries * 30, passages * 30, unfrozen)
-    assert summary["steps"] == 30 and batch_loss(model, queries[0], passages[0]) < 0.5 * before
+    summary = train.train(model, batches * 30, unfrozen)
+    assert summary["steps"] == 30 and batch_loss(model, batches[0]) < 0.5 * before
 
 
 def test_frozen_token_embeddings_stay_while_the_encoder_trains(tiny_model_dir):
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=2), pairs, "query: ", "passage: ")
+    batches = train.plan_texts(make_plan(pairs, steps=2), pairs, "query: ", "passage: ")
     model = load(tiny_model_dir)
     embeddings_before = model[0].auto_model.get_input_embeddings().weight.detach().clone()
     layer_before = model[0].auto_model.encoder.layer[0].attention.self.query.weight.detach().clone()
-    train.train(model, queries, passages, CONFIG)
+    train.train(model, batches, CONFIG)
     assert torch.equal(model[0].auto_model.get_input_embeddings().weight, embeddings_before)
     assert not torch.equal(model[0].auto_model.encoder.layer[0].attention.self.query.weight, layer_before)
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=6), pairs, "query: ", "passage: ")
+    batches = train.plan_texts(make_plan(pairs, steps=6), pairs, "query: ", "passage: ")
     uninterrupted = load(tiny_model_dir)
-    train.train(uninterrupted, queries, passages, CONFIG)
+    train.train(uninterrupted, batches, CONFIG)
 
     checkpoint = tmp_path / "train.pt"
     killed = load(tiny_model_dir)
-    train.train(killed, queries, passages, CONFIG, train.TrainRun(checkpoint, fingerprint="run", stop_after=3))
+    train.train(killed, batches, CONFIG, train.TrainRun(checkpoint, fingerprint="run", stop_after=3))
     assert torch.load(checkpoint, weights_only=True)["step"] == 2  # step 3 was lost with the crash
     resumed = load(tiny_model_dir)
-    summary = train.train(resumed, queries, passages, CONFIG, train.TrainRun(checkpoint, resume=True, fingerprint="run"))
+    summary = train.train(resumed, batches, CONFIG, train.TrainRun(checkpoint, resume=True, fingerprint="run"))
     assert summary["resumed_from_step"] == 2
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -90,10 +91,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
 
 def test_a_checkpoint_of_other_inputs_is_not_resumed(tiny_model_dir, tmp_path):
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=2), pairs, "query: ", "passage: ")
+    batches = train.plan_texts(make_plan(pairs, steps=2), pairs, "query: ", "passage: ")
     checkpoint = tmp_path / "train.pt"
-    train.train(load(tiny_model_dir), queries, passages, CONFIG, train.TrainRun(checkpoint, fingerprint="old plan"))
-    summary = train.train(load(tiny_model_dir), queries, passages, CONFIG, train.TrainRun(checkpoint, resume=True, fingerprint="new"))
+    train.train(load(tiny_model_dir), batches, CONFIG, train.TrainRun(checkpoint, fingerprint="old plan"))
+    summary = train.train(load(tiny_model_dir), batches, CONFIG, train.TrainRun(checkpoint, resume=True, fingerprint="new"))
     assert summary["resumed_from_step"] == 0
 
 
@@ -120,13 +121,13 @@ def test_stage_rejects_a_zero_temperature_without_writing(tmp_path, tiny_model_d
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_model_dir):
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=6), pairs, "query: ", "passage: ")
+    batches = train.plan_texts(make_plan(pairs, steps=6), pairs, "query: ", "passage: ")
     exploding = train.TrainConfig(**{**CONFIG.__dict__, "lr": 1e30, "freeze_embeddings": False, "warmup_ratio": 0.0})
     with pytest.raises(
         PipelineError,
         match=r"^train: loss is nan at step [2-6]: training diverged \(train.lr 1e\+30, train.temperature 0.05\); no model was written$",
     ):
-        train.train(load(tiny_model_dir), queries, passages, exploding)
+        train.train(load(tiny_model_dir), batches, exploding)
 
 
 def test_precision_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
@@ -147,12 +148,12 @@ def test_bf16_training_is_deterministic_and_close_to_fp32(tiny_model_dir):
     if not encoding.native_bf16("cpu"):
         pytest.skip("this CPU has no native bf16 units")
     pairs = make_pairs()
-    queries, passages = train.plan_texts(make_plan(pairs, steps=4), pairs, "query: ", "passage: ")
+    batches = train.plan_texts(make_plan(pairs, steps=4), pairs, "query: ", "passage: ")
     bf16 = train.TrainConfig(**{**CONFIG.__dict__, "precision": "bf16"})
     runs = []
     for config in (bf16, bf16, CONFIG):
         model = load(tiny_model_dir)
-        runs.append((train.train(model, queries, passages, config), model.state_dict()))
+        runs.append((train.train(model, batches, config), model.state_dict()))
     (first, a), (second, b), (fp32, c) = runs
     assert first["precision"] == "bf16" and fp32["precision"] == "fp32"
     assert first["final_loss"] == second["final_loss"]

@@ -155,6 +155,8 @@ def _check_groups(langs: list[str], has: np.ndarray, ratio: float, schedule: str
     pools: list[tuple[int, int, str]] = []  # (rows drawn from the pool, groups in it, what it is)
     if schedule == "multitask":
         mono_rows = mono_count(ratio, batch_size)
+        if any_cross and not any_mono:  # every row cross-lingual
+            pools.append((batch_size, int(multi.sum()), "groups with two or more languages"))
         for i, lang in enumerate(langs if any_mono else []):
             pools.append((mono_rows, int(has[:, i].sum()), f"groups having language '{lang}'"))
             if any_cross:  # the cross rows come from the multi-language groups the mono rows left

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import build_tiny_model
 
@@ -19,3 +21,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def stage_command_line(monkeypatch):
     """A stage's `main()` called in-process parses sys.argv: give it the bare command, not pytest's."""
     monkeypatch.setattr("sys.argv", ["stage"])
+
+
+# Property tests draw the same examples on every run, so CI cannot fail one run in twenty;
+# `HYPOTHESIS_PROFILE=explore pytest` searches new examples.
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 import yaml
 
 from pipeline import batches, train
@@ -254,3 +256,18 @@ def write_params(root: Path, **dotted) -> dict:
         node[name] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return params
+
+
+def without_dropout(model):
+    """Dropout masks depend on how texts are split among passes and ranks; the math must not."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a gloo process group of the test's own processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,9 @@ import torch.multiprocessing as mp
 
 from pipeline import train
 from pipeline.distributed import World
-from tests.helpers import CONFIG, load, make_pairs, make_plan, run_train_stage, stage_dir
+from tests.helpers import CONFIG, free_port, load, make_pairs, make_plan, run_train_stage, stage_dir, without_dropout
 
 TOL = 1e-5
-
-
-def without_dropout(model):
-    """Dropout masks depend on how texts are split among passes and ranks; the math must not."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def planned_batch(size: int = 8) -> train.PlannedBatch:
@@ -83,12 +74,6 @@ def test_cached_gradients_replay_dropout(tiny_model_dir):
         assert torch.allclose(grad, want[name], atol=TOL), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
     """One optimizer step on the same planned batch, as rank `rank` of `world_size` (gloo)."""
     import torch.distributed as dist
@@ -113,7 +98,7 @@ def test_two_gloo_processes_take_the_same_step_as_one(tiny_model_dir, tmp_path):
     results = {}
     for world_size in (1, 2):
         out = tmp_path / f"world{world_size}.pt"
-        mp.spawn(_one_step, args=(world_size, _free_port(), str(tiny_model_dir), str(out)), nprocs=world_size)
+        mp.spawn(_one_step, args=(world_size, free_port(), str(tiny_model_dir), str(out)), nprocs=world_size)
         results[world_size] = torch.load(out)
     one, two = results[1], results[2]
     assert abs(one["loss"] - two["loss"]) < TOL
@@ -154,7 +139,7 @@ def test_bad_scale_out_params_fail_before_start(tmp_path, tiny_model_dir, train_
 
 def test_unreachable_rendezvous_times_out_with_one_line(tmp_path, tiny_model_dir):
     cwd = stage_dir(tmp_path, tiny_model_dir, rendezvous_timeout_s=3)
-    port = _free_port()  # nobody listens there: rank 0 never comes
+    port = free_port()  # nobody listens there: rank 0 never comes
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     began = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

@@ -6,7 +6,6 @@ cached gradients and two processes; a few tiny training steps with each, and the
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pipeline.common import PipelineError
 from pipeline.distributed import World
 from pipeline.noise import Noise, perturb
 from pipeline.train import GradientReversal, LanguageAdversary, PlannedBatch
-from tests.helpers import CONFIG, corpus_of, load, make_pairs, make_plan, run_train_stage, stage_dir
+from tests.helpers import CONFIG, corpus_of, free_port, load, make_pairs, make_plan, run_train_stage, stage_dir, without_dropout
 
 TOL = 1e-5
 
@@ -31,13 +30,6 @@ def planned(steps: int = 2, batch_size: int = 4, schedule: str = "hybrid", negat
     plan = make_plan(pairs, steps=steps, batch_size=batch_size, schedule=schedule, negatives=negatives)
     candidates = corpus_of(pairs)[1] if negatives != "none" else None
     return train.plan_texts(plan, pairs, "query: ", "passage: ", candidates, schedule == "multitask", noise)
-
-
-def without_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def gradients(*modules) -> dict[str, torch.Tensor]:
@@ -173,12 +165,6 @@ def test_cached_gradients_with_every_option_equal_the_whole_batch(tiny_model_dir
         assert torch.allclose(grad, cached[name], atol=TOL), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
     """One optimizer step on one planned batch with every option on, as rank `rank` of `world_size` (gloo)."""
     import torch.distributed as dist
@@ -201,7 +187,7 @@ def test_two_gloo_processes_with_every_option_take_the_same_step_as_one(tiny_mod
     results = {}
     for world_size in (1, 2):
         out = tmp_path / f"world{world_size}.pt"
-        mp.spawn(_one_step, args=(world_size, _free_port(), str(tiny_model_dir), str(out)), nprocs=world_size)
+        mp.spawn(_one_step, args=(world_size, free_port(), str(tiny_model_dir), str(out)), nprocs=world_size)
         results[world_size] = torch.load(out)
     one, two = results[1], results[2]
     assert abs(one["loss"] - two["loss"]) < TOL and one["accuracy"] == two["accuracy"]

@@ -271,3 +271,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def step_in_one_and_two_processes(one_step, model_dir: Path, tmp_path: Path) -> dict[int, dict]:
+    """Run `one_step(rank, world_size, port, model_dir, out)` as 1 and as 2 gloo processes; rank 0's saved results by world size."""
+    import torch.multiprocessing as mp
+
+    results = {}
+    for world_size in (1, 2):
+        out = tmp_path / f"world{world_size}.pt"
+        mp.spawn(one_step, args=(world_size, free_port(), str(model_dir), str(out)), nprocs=world_size)
+        results[world_size] = torch.load(out)
+    return results

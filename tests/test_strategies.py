@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipeline import train
@@ -19,7 +18,17 @@ from pipeline.common import PipelineError
 from pipeline.distributed import World
 from pipeline.noise import Noise, perturb
 from pipeline.train import GradientReversal, LanguageAdversary, PlannedBatch
-from tests.helpers import CONFIG, corpus_of, free_port, load, make_pairs, make_plan, run_train_stage, stage_dir, without_dropout
+from tests.helpers import (
+    CONFIG,
+    corpus_of,
+    load,
+    make_pairs,
+    make_plan,
+    run_train_stage,
+    stage_dir,
+    step_in_one_and_two_processes,
+    without_dropout,
+)
 
 TOL = 1e-5
 
@@ -184,11 +193,7 @@ def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -
 
 
 def test_two_gloo_processes_with_every_option_take_the_same_step_as_one(tiny_model_dir, tmp_path):
-    results = {}
-    for world_size in (1, 2):
-        out = tmp_path / f"world{world_size}.pt"
-        mp.spawn(_one_step, args=(world_size, free_port(), str(tiny_model_dir), str(out)), nprocs=world_size)
-        results[world_size] = torch.load(out)
+    results = step_in_one_and_two_processes(_one_step, tiny_model_dir, tmp_path)
     one, two = results[1], results[2]
     assert abs(one["loss"] - two["loss"]) < TOL and one["accuracy"] == two["accuracy"]
     before, moved = load(tiny_model_dir).state_dict(), 0

@@ -1,12 +1,14 @@
 """Compare runs per query: headline differences with paired-bootstrap intervals and randomization p-values.
 
     python -m pipeline.compare A B [C ...] [--dataset xquad_r] [--queries-dir metrics/eval_queries]
-                               [--out docs/compare] [--group seed] [--resamples 10000] [--seed 0]
+                               [--out docs/compare] [--group seed] [--against A] [--resamples 10000] [--seed 0]
 
 Each entry is a DVC experiment name, a git revision or `workspace`, optionally followed by
 `:DIR` to read another folder of per-query files (`workspace:metrics/eval_base_queries` is the
-zero-shot base). Past revisions are read through `dvc.api.open`, from the DVC cache: nothing
-is re-run. `--group seed` pools entries whose params differ only in `seed`.
+zero-shot base) and preceded by `LABEL=`, which names it in the tables; entries sharing a
+label are pooled (their seeds, say). Past revisions are read through `dvc.api.open`, from the
+DVC cache: nothing is re-run. `--group seed` pools entries whose params differ only in `seed`.
+`--against LABEL` compares every other entry with that one only, instead of every pair.
 
 Why per query: two runs' headline mAPs differ by a few thousandths; whether that is more
 than chance depends on how much each question's score moves, which only per-query results
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from scipy import stats
 
 from pipeline.common import PipelineError, atomic_path, first_line, read_parquet, run_stage, write_figure
@@ -51,6 +54,13 @@ LABELS = {
     "multi_recall_at_10": "Mul. R@10",
     "rank_distance": "rank distance",
 }
+# The per-query columns compared: files written before columns were added still compare.
+COMPARED_SCHEMA = pa.schema(
+    [
+        QUERIES_SCHEMA.field(name)
+        for name in ("setting", "query_lang", "passage_lang", "question_id", "ap", "recall_at_1", "recall_at_10", "rank_distance")
+    ]
+)
 ALPHA = 0.05
 BATCH = 1000  # resamples per vectorized call: a [BATCH, n_ids] weight matrix stays ~10 MiB
 
@@ -227,8 +237,9 @@ class Entry:
     tables: list[pd.DataFrame]
 
 
-def compare(entries: list[Entry], resamples: int = 10_000, seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
-    """Every pair of entries (B vs A, C vs A, ..., C vs B) on every headline figure; and notes.
+def compare(entries: list[Entry], resamples: int = 10_000, seed: int = 0, against: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Every pair of entries (B vs A, C vs A, ..., C vs B), or each entry against entry
+    `against` only, on every headline figure; and notes.
 
     A group's matrix is the mean over its seeds per question id and cell, so its figure is
     the seeds' mean figure and the paired tests see each question's seed-averaged score;
@@ -244,7 +255,10 @@ def compare(entries: list[Entry], resamples: int = 10_000, seed: int = 0) -> tup
         mats.append(np.mean(per_member, axis=0))
         seed_figs.append(np.array([macro(m.sum(0), lay) for m in per_member]))
     rows = []
-    for (i, a), (j, b) in itertools.combinations(enumerate(entries), 2):
+    pairs = itertools.combinations(enumerate(entries), 2)
+    if against is not None:
+        pairs = [((against, entries[against]), (j, b)) for j, b in enumerate(entries) if j != against]
+    for (i, a), (j, b) in pairs:
         rng = np.random.default_rng([seed, i, j])
         diff, low, high, p = paired_stats(mats[i], mats[j], lay, resamples, rng)
         fig_a, fig_b = macro(mats[i].sum(0), lay), macro(mats[j].sum(0), lay)
@@ -304,10 +318,25 @@ def group_entries(names: list[str], params: dict[str, dict], key: str = "seed") 
     return [(label, groups[g]) for label, g in zip(labels, keys)]
 
 
-def parse_entry(text: str, queries_dir: str) -> tuple[str, str]:
-    """'REV' or 'REV:DIR' -> (rev, folder). Git refs cannot contain ':', so the split is safe."""
-    rev, _, folder = text.partition(":")
-    return rev, folder or queries_dir
+def parse_entry(text: str, queries_dir: str) -> tuple[str | None, str, str]:
+    """'[LABEL=]REV[:DIR]' -> (label or None, rev, folder). Git refs cannot contain ':', and
+    experiment names cannot contain '=', so the splits are safe."""
+    label, sep, rest = text.partition("=")
+    if not sep:
+        label, rest = None, text
+    rev, _, folder = rest.partition(":")
+    return label, rev, folder or queries_dir
+
+
+def label_groups(entries: list[str], labels: list[str | None]) -> list[tuple[str, list[str]]]:
+    """Entries pooled by their LABEL= prefix, in order of first appearance (all or none labelled)."""
+    if None in labels:
+        unlabelled = entries[labels.index(None)]
+        raise PipelineError(f"{unlabelled}: no LABEL= prefix; label every entry or none")
+    groups: dict[str, list[str]] = {}
+    for entry, label in zip(entries, labels):
+        groups.setdefault(label, []).append(entry)
+    return list(groups.items())
 
 
 def read_queries(rev: str, path: str, repo: str | None = None) -> pd.DataFrame:
@@ -316,7 +345,7 @@ def read_queries(rev: str, path: str, repo: str | None = None) -> pd.DataFrame:
         local = Path(repo or ".") / path
         if not local.exists():
             raise PipelineError(f"workspace: {path} not found (run `dvc repro evaluate` first)")
-        return read_parquet(local, QUERIES_SCHEMA).to_pandas()
+        return read_parquet(local, COMPARED_SCHEMA).to_pandas()
     import dvc.api
     from dvc.exceptions import DvcException, PathMissingError
     from dvc.scm import RevError
@@ -338,7 +367,7 @@ def read_queries(rev: str, path: str, repo: str | None = None) -> pd.DataFrame:
         copy = Path(tmp) / Path(path).name
         copy.write_bytes(data)
         try:
-            return read_parquet(copy, QUERIES_SCHEMA).to_pandas()
+            return read_parquet(copy, COMPARED_SCHEMA).to_pandas()
         except PipelineError as err:
             raise PipelineError(str(err).replace(str(copy), f"{rev}:{path}")) from None
 
@@ -406,6 +435,7 @@ def main() -> None:
     parser.add_argument("--queries-dir", default="metrics/eval_queries")
     parser.add_argument("--out", default="docs/compare")
     parser.add_argument("--group", default=None, help="pool entries that differ only in this param (e.g. seed)")
+    parser.add_argument("--against", default=None, help="compare each entry with this one (a label or entry) only")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -414,13 +444,19 @@ def main() -> None:
     if args.resamples < 100:
         raise PipelineError(f"--resamples: {args.resamples} is too few for a 95% interval (use >= 100)")
     parsed = [parse_entry(e, args.queries_dir) for e in args.entries]
-    tables = {e: read_queries(rev, f"{folder}/{args.dataset}.parquet") for e, (rev, folder) in zip(args.entries, parsed)}
-    if args.group:
+    labels = [label for label, _, _ in parsed]
+    if any(labels) and args.group:
+        raise PipelineError("--group: entries are pooled by their LABEL= prefixes already; use one or the other")
+    groups = label_groups(args.entries, labels) if any(labels) else None  # checked before anything is read
+    if groups is not None and len(groups) < 2:
+        raise PipelineError(f"every entry is labelled {groups[0][0]}: nothing to compare after pooling")
+    tables = {e: read_queries(rev, f"{folder}/{args.dataset}.parquet") for e, (_, rev, folder) in zip(args.entries, parsed)}
+    if groups is None and args.group:
         import dvc.api
         from dvc.exceptions import DvcException
 
         params = {}
-        for e, (rev, _) in zip(args.entries, parsed):
+        for e, (_, rev, _) in zip(args.entries, parsed):
             try:
                 params[e] = flatten(dvc.api.params_show(rev=None if rev == "workspace" else rev))
             except DvcException as err:
@@ -428,13 +464,19 @@ def main() -> None:
         groups = group_entries(list(tables), params, args.group)
         if len(groups) < 2:
             raise PipelineError(f"all entries differ only in {args.group}: nothing to compare after pooling")
-    else:
+    elif groups is None:
         groups = [(e, [e]) for e in tables]
     entries = [Entry(label, members, [tables[m] for m in members]) for label, members in groups]
-    result, notes = compare(entries, args.resamples, args.seed)
+    against = None
+    if args.against:
+        found = [i for i, (label, members) in enumerate(groups) if args.against == label or args.against in members]
+        if not found:
+            raise PipelineError(f"--against: '{args.against}' is none of the entries ({', '.join(label for label, _ in groups)})")
+        against = found[0]
+    result, notes = compare(entries, args.resamples, args.seed, against)
     for label, members in groups:
         if len(members) > 1:
-            notes.append(f"{label} pools {', '.join(members)}")
+            notes.append(f"{label} pools {', '.join(m.partition('=')[2] or m for m in members)}")
     header = (
         f"{args.dataset}: paired bootstrap over question ids ({args.resamples} resamples, BCa 95% CI) "
         f"and paired randomization test, Holm over the figures of each comparison; seed {args.seed}"

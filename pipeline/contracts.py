@@ -86,6 +86,8 @@ QUERIES_SCHEMA = pa.schema(
         pa.field("recall_at_1", pa.float64()),  # mono, cross
         pa.field("recall_at_10", pa.float64()),  # multi
         pa.field("rank_distance", pa.float64()),  # multi
+        pa.field("own_language_first", pa.float64()),  # multi: 1 if the best-ranked answer is in the query's language
+        pa.field("top1", pa.string()),  # mono, cross: answer | sibling (same paragraph) | other
     ]
 )
 

@@ -8,7 +8,13 @@
   the mean over its queries, a setting's the macro-average over pairs;
 - Mul.: X queries against one pool of every language, all answer sentences relevant;
   macro-averaged over query languages; rank distance (language bias) = highest minus
-  lowest rank among a query's relevant candidates.
+  lowest rank among a query's relevant candidates; language preference = share of
+  queries whose best-ranked relevant candidate is in the query's own language (chance:
+  1 / the languages it has an answer in; the multilingual language-aware IR protocol,
+  arXiv 2605.07249);
+- where the top-1 of a Mo./Cr. query is wrong, whether it is a sibling (another sentence of
+  the answer's paragraph) or from another paragraph: the share of errors that are siblings
+  says whether the model lost fine-grained reading or topic matching.
 
 One score matrix per block of queries against the whole multilingual pool serves all
 three settings, so memory stays flat as pools grow. Every figure is a mean of the
@@ -26,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import PipelineError
+from pipeline.contracts import QUERIES_SCHEMA
 from pipeline.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
 
 # Scores held at once (64 MiB of float32): queries are scored in blocks of
@@ -46,6 +53,7 @@ class RetrievalTask:
     candidate_text: list[str]  # pool ordered by language, then candidate index
     pool_offsets: np.ndarray  # [L + 1] slice of each language in the pool
     answers: np.ndarray  # [Q, L] pool index of the query's answer in each language, -1 if absent
+    candidate_paragraph: np.ndarray  # [C] paragraph of each pool candidate (within its language)
 
 
 @dataclass
@@ -55,7 +63,8 @@ class TaskScores:
     queries: pd.DataFrame  # one row per scored (setting, query, passage language): QUERIES_SCHEMA's columns
     pair_map: pd.DataFrame  # [L, L] mean AP of X queries against Y's pool (NaN: no queries)
     pair_recall_at_1: pd.DataFrame
-    languages: pd.DataFrame  # per query language: multi_map, multi_recall_at_10, multi_ndcg_at_10, rank_distance
+    languages: pd.DataFrame  # per query language: mono_map, multi_map, multi_recall_at_10, multi_ndcg_at_10,
+    #                          rank_distance, language_preference, language_preference_chance
 
 
 def build_task(questions: pd.DataFrame, candidates: pd.DataFrame, langs: list[str], origin: str) -> RetrievalTask:
@@ -90,6 +99,7 @@ def build_task(questions: pd.DataFrame, candidates: pd.DataFrame, langs: list[st
         candidate_text=candidates["sentence"].tolist(),
         pool_offsets=offsets,
         answers=answer_of_group[group_codes],
+        candidate_paragraph=candidates["paragraph"].to_numpy(np.int64),
     )
 
 
@@ -106,17 +116,43 @@ def score_task(task: RetrievalTask, queries: np.ndarray, pool: np.ndarray, block
         multi_rows.append(pd.DataFrame({
             "query": rows, "ap": average_precision(ranks), "recall_at_10": recall_at_k(ranks, 10),
             "ndcg_at_10": ndcg_at_k(ranks, 10), "rank_distance": rank_distance(ranks).astype(np.float64),
+            "own_language_first": own_language_first(ranks, task.query_lang[rows]),
         }))  # fmt: skip
         for y in range(n_langs):
             lo, hi = task.pool_offsets[y], task.pool_offsets[y + 1]
             has = answers[:, y] >= 0
-            pair_ranks = ranks_of(scores[has, lo:hi], answers[has, y : y + 1] - lo)
+            pair_scores, pair_answers = scores[has, lo:hi], answers[has, y : y + 1] - lo
+            pair_ranks = ranks_of(pair_scores, pair_answers)
             pair_rows.append(pd.DataFrame({
                 "query": rows[has], "passage": y, "ap": average_precision(pair_ranks),
                 "recall_at_1": recall_at_k(pair_ranks, 1),
+                "top1": top1_kind(pair_scores, pair_answers[:, 0], pair_ranks[:, 0], task.candidate_paragraph[lo:hi]),
             }))  # fmt: skip
         del scores, ranks  # free this block's matrix before the next one is computed
     return scores_from_queries(task, pd.concat(pair_rows, ignore_index=True), pd.concat(multi_rows, ignore_index=True))
+
+
+def own_language_first(ranks: np.ndarray, query_lang: np.ndarray) -> np.ndarray:
+    """1.0 where the best-ranked relevant candidate is in the query's language, else 0.0.
+
+    `ranks` [Q, L] has one column per language (0 = no answer there); a tie between two
+    languages' answers counts against the own language, like every tie here."""
+    ranked = np.where(ranks > 0, ranks, np.iinfo(ranks.dtype).max)
+    best = ranked.min(axis=1)
+    others_tie = (ranked == best[:, None]).sum(axis=1) > 1
+    own = ranked[np.arange(len(ranks)), query_lang] == best
+    return (own & ~others_tie).astype(np.float64)
+
+
+def top1_kind(scores: np.ndarray, answer: np.ndarray, answer_rank: np.ndarray, paragraph: np.ndarray) -> np.ndarray:
+    """What a query ranks first in one language's pool: 'answer', 'sibling' (another sentence
+    of the answer's paragraph) or 'other' (a sentence of another paragraph)."""
+    rows = np.arange(len(scores))
+    wrong = scores.copy()
+    wrong[rows, answer] = -np.inf
+    best_wrong = wrong.argmax(axis=1)
+    sibling = paragraph[best_wrong] == paragraph[answer]
+    return np.where(answer_rank == 1, "answer", np.where(sibling, "sibling", "other")).astype(object)
 
 
 def scores_from_queries(task: RetrievalTask, pairs: pd.DataFrame, multi: pd.DataFrame) -> TaskScores:
@@ -124,14 +160,17 @@ def scores_from_queries(task: RetrievalTask, pairs: pd.DataFrame, multi: pd.Data
     langs = np.asarray(task.langs, dtype=object)
     pairs = pairs.assign(query_lang=langs[task.query_lang[pairs["query"]]], passage_lang=langs[pairs["passage"]])
     multi = multi.assign(query_lang=langs[task.query_lang[multi["query"]]])
+    multi = multi.assign(chance=1.0 / (task.answers[multi["query"]] >= 0).sum(axis=1))
     pair_means = pairs.groupby(["query_lang", "passage_lang"])[["ap", "recall_at_1"]].mean()
     pair_map = pair_means["ap"].unstack().reindex(index=task.langs, columns=task.langs)
     pair_r1 = pair_means["recall_at_1"].unstack().reindex(index=task.langs, columns=task.langs)
     languages = (
-        multi.groupby("query_lang")[["ap", "recall_at_10", "ndcg_at_10", "rank_distance"]].mean()
-        .rename(columns={"ap": "multi_map", "recall_at_10": "multi_recall_at_10", "ndcg_at_10": "multi_ndcg_at_10"})
+        multi.groupby("query_lang")[["ap", "recall_at_10", "ndcg_at_10", "rank_distance", "own_language_first", "chance"]].mean()
+        .rename(columns={"ap": "multi_map", "recall_at_10": "multi_recall_at_10", "ndcg_at_10": "multi_ndcg_at_10",
+                         "own_language_first": "language_preference", "chance": "language_preference_chance"})
         .reindex(task.langs)
     )  # fmt: skip
+    languages.insert(0, "mono_map", np.diag(pair_map.to_numpy()))
     languages.index.name = None
     queries = pd.concat(
         [
@@ -141,10 +180,7 @@ def scores_from_queries(task: RetrievalTask, pairs: pd.DataFrame, multi: pd.Data
         ignore_index=True,
     )
     queries["question_id"] = task.query_id[queries["query"]].astype(str)
-    columns = ["setting", "query_lang", "passage_lang", "question_id", "ap", "recall_at_1", "recall_at_10", "rank_distance"]
-    for column in columns:
-        if column not in queries:
-            queries[column] = np.nan
+    columns = QUERIES_SCHEMA.names
     return TaskScores(queries=queries[columns], pair_map=pair_map, pair_recall_at_1=pair_r1, languages=languages)
 
 
@@ -161,16 +197,23 @@ def headline_figures(scores: TaskScores) -> dict:
         "multi_recall_at_10": scores.languages["multi_recall_at_10"].mean(),
         "multi_ndcg_at_10": scores.languages["multi_ndcg_at_10"].mean(),
         "rank_distance": scores.languages["rank_distance"].mean(),
+        "language_preference": scores.languages["language_preference"].mean(),
+        "language_preference_chance": scores.languages["language_preference_chance"].mean(),
+        **sibling_error_shares(scores.queries),
     }
     summary = {k: round(float(v), 6) for k, v in summary.items()}
-    summary["lang"] = {
-        lang: {
-            "mono_map": round(float(scores.pair_map.loc[lang, lang]), 6),
-            **{k: round(float(v), 6) for k, v in row.items()},
-        }
-        for lang, row in scores.languages.iterrows()
-    }
+    summary["lang"] = {lang: {k: round(float(v), 6) for k, v in row.items()} for lang, row in scores.languages.iterrows()}
     return summary
+
+
+def sibling_error_shares(queries: pd.DataFrame) -> dict[str, float]:
+    """Per setting (mono, cross): the share of top-1 errors that are a sibling of the answer
+    (pooled over the setting's queries; NaN without errors)."""
+    shares = {}
+    for setting in ("mono", "cross"):
+        errors = queries.loc[(queries["setting"] == setting) & (queries["top1"] != "answer"), "top1"]
+        shares[f"{setting}_sibling_errors"] = float((errors == "sibling").mean()) if len(errors) else float("nan")
+    return shares
 
 
 def select_langs(available: list[str], wanted: list[str] | None, dataset: str) -> list[str]:

@@ -40,7 +40,7 @@ def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], 
         plt.close(fig)
     columns = ["dataset", "query_lang", "passage_lang", "map"]
     pd.concat(pairs)[columns].round(6).to_csv(plots_dir / "pairs.csv", index=False)
-    lang_columns = ["dataset", "lang", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance"]
+    lang_columns = ["dataset", "lang", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance", "language_preference"]
     pd.concat(languages)[lang_columns].round(6).to_csv(plots_dir / "languages.csv", index=False)
     noise_rows = [
         {"dataset": name, "noise": noise, **{key: figures[key] for key in SETTINGS}}
@@ -57,13 +57,15 @@ def format_summary(name: str, summary: dict) -> str:
         f"{name}: Mo. mAP {summary['mono_map']:.4f}  Cr. mAP {summary['cross_map']:.4f}  "
         f"Mul. mAP {summary['multi_map']:.4f}  rank distance {summary['rank_distance']:.1f}\n"
         f"  Mo. R@1 {summary['mono_recall_at_1']:.4f}  Cr. R@1 {summary['cross_recall_at_1']:.4f}  "
-        f"Mul. R@10 {summary['multi_recall_at_10']:.4f}  Mul. nDCG@10 {summary['multi_ndcg_at_10']:.4f}"
+        f"Mul. R@10 {summary['multi_recall_at_10']:.4f}  Mul. nDCG@10 {summary['multi_ndcg_at_10']:.4f}\n"
+        f"  own-language answer first {summary['language_preference']:.3f} (chance {summary['language_preference_chance']:.3f})  "
+        f"top-1 errors that are siblings of the answer: Mo. {summary['mono_sibling_errors']:.3f}  Cr. {summary['cross_sibling_errors']:.3f}"
     )
-    rows = [f"  {'lang':<5}{'Mo. mAP':>9}{'Mul. mAP':>10}{'Mul. R@10':>11}{'Mul. nDCG@10':>14}{'rank dist':>11}"]
+    rows = [f"  {'lang':<5}{'Mo. mAP':>9}{'Mul. mAP':>10}{'Mul. R@10':>11}{'Mul. nDCG@10':>14}{'rank dist':>11}{'own first':>11}"]
     for lang, row in summary["lang"].items():
         rows.append(
-            f"  {lang:<5}{row['mono_map']:>9.4f}{row['multi_map']:>10.4f}"
-            f"{row['multi_recall_at_10']:>11.4f}{row['multi_ndcg_at_10']:>14.4f}{row['rank_distance']:>11.1f}"
+            f"  {lang:<5}{row['mono_map']:>9.4f}{row['multi_map']:>10.4f}{row['multi_recall_at_10']:>11.4f}"
+            f"{row['multi_ndcg_at_10']:>14.4f}{row['rank_distance']:>11.1f}{row['language_preference']:>11.3f}"
         )
     return "\n".join([head, *rows])
 

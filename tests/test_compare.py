@@ -15,8 +15,7 @@ import pytest
 
 from pipeline import compare as cmp
 from pipeline.common import PipelineError, run_stage, write_parquet
-from pipeline.compare import Entry, compare, group_entries, headline, holm, plot_forest, read_queries
-from pipeline.contracts import QUERIES_SCHEMA
+from pipeline.compare import COMPARED_SCHEMA, Entry, compare, group_entries, headline, holm, plot_forest, read_queries
 
 AP_FIGURES = ("mono_map", "cross_map", "multi_map")
 
@@ -76,7 +75,7 @@ def test_headline_is_the_macro_average_of_cell_means():
         ("multi", "en", None, "q2", 0.5, None, 0.0, 30.0),
         ("multi", "de", None, "q1", 0.1, None, 0.5, 5.0),
     ]
-    table = pd.DataFrame(rows, columns=QUERIES_SCHEMA.names)
+    table = pd.DataFrame(rows, columns=COMPARED_SCHEMA.names)
     figures = headline(table)
     # Macro, not micro: each cell counts once however many questions it has.
     assert figures["mono_map"] == pytest.approx(((1.0 + 0.5) / 2 + 0.2) / 2)  # 0.475, micro would be 0.567
@@ -209,7 +208,9 @@ def _dvc(repo: Path, *args: str) -> None:
 
 
 def _write(table: pd.DataFrame, path: Path) -> None:
-    write_parquet(pa.Table.from_pandas(table, schema=QUERIES_SCHEMA, preserve_index=False), path)
+    """With the compared columns only: a per-query file from before `top1` and
+    `own_language_first` existed must still compare."""
+    write_parquet(pa.Table.from_pandas(table, schema=COMPARED_SCHEMA, preserve_index=False), path)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +291,38 @@ def test_cli_pools_revisions_that_differ_only_in_seed(dvc_repo, monkeypatch, cap
     with pytest.raises(SystemExit):
         run_stage(cmp.main)
     assert "all entries differ only in seed" in capsys.readouterr().err
+
+
+def test_cli_labels_pool_entries_and_against_compares_with_one_entry_only(dvc_repo, monkeypatch, capsys):
+    repo, a = dvc_repo
+    monkeypatch.chdir(repo)
+    argv = ["compare", "base=HEAD~2", "base=HEAD~1", "ratio 1=workspace", "again=HEAD~1", "--resamples", "200", "--out", "out/labelled"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--against", "base"])
+    run_stage(cmp.main)
+    assert "Note: base pools HEAD~2, HEAD~1." in capsys.readouterr().out
+    table = pd.read_csv(repo / "out/labelled.csv")
+    assert sorted(set(table["comparison"])) == ["again vs base", "ratio 1 vs base"]  # not "ratio 1 vs again"
+    mono = table[table["figure"] == "mono_map"].set_index("comparison")
+    assert mono.loc["ratio 1 vs base", "difference"] == pytest.approx(0.09)  # as --group seed pools them
+    assert mono.loc["again vs base", "difference"] == pytest.approx(0.01)
+    monkeypatch.setattr(sys, "argv", argv)  # without --against: every pair
+    run_stage(cmp.main)
+    assert set(pd.read_csv(repo / "out/labelled.csv")["comparison"]) == {"ratio 1 vs base", "again vs base", "again vs ratio 1"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["a=HEAD~2", "HEAD~1"], "HEAD~1: no LABEL= prefix; label every entry or none"),
+        (["a=HEAD~2", "a=HEAD~1"], "every entry is labelled a: nothing to compare after pooling"),
+        (["a=HEAD~2", "b=HEAD~1", "--group", "seed"], "--group: entries are pooled by their LABEL= prefixes already"),
+        (["HEAD~2", "HEAD~1", "--against", "nope"], "--against: 'nope' is none of the entries (HEAD~2, HEAD~1)"),
+    ],
+)
+def test_cli_bad_labels_and_against_are_one_line(dvc_repo, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(dvc_repo[0])
+    monkeypatch.setattr(sys, "argv", ["compare", *argv, "--resamples", "200", "--out", "out/bad"])
+    with pytest.raises(SystemExit):
+        run_stage(cmp.main)
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -70,6 +70,7 @@ def synthetic_task() -> tuple[RetrievalTask, np.ndarray, np.ndarray]:
         candidate_text=[f"c{c}" for c in range(POOL)],
         pool_offsets=np.array([0, 12, 14]),
         answers=np.array([answers for _, answers, _ in QUERIES], dtype=np.int64),
+        candidate_paragraph=np.arange(POOL) // 2,  # paragraphs of two sentences
     )
     return task, queries, np.eye(POOL, dtype=np.float32)
 
@@ -86,6 +87,26 @@ def test_score_task_matches_hand_worked_ranks():
     np.testing.assert_allclose(scores.languages["multi_ndcg_at_10"], LANG_NDCG, atol=1e-6)
 
 
+def test_language_preference_and_top1_kinds_on_hand_worked_ranks():
+    """Own-language first: every query's best answer is in its own language (see the table);
+    chance is 1 / its answer languages. Top-1 in each pool (paragraphs: pairs 0-1, 2-3, ...)."""
+    scores = score_task(*synthetic_task())
+    np.testing.assert_allclose(scores.languages["language_preference"], [1.0, 1.0])
+    np.testing.assert_allclose(scores.languages["language_preference_chance"], [(0.5 + 0.5 + 1) / 3, 0.5])
+    pairs = scores.queries[scores.queries["setting"] != "multi"]
+    top1 = {(q, p): kind for q, p, kind in zip(pairs["question_id"] + pairs["query_lang"], pairs["passage_lang"], pairs["top1"])}
+    assert top1 == {
+        ("g0en", "en"): "answer", ("g0en", "de"): "answer",
+        ("g0de", "en"): "other", ("g0de", "de"): "sibling",  # en: 0.5 ties at 3..11 beat 0.2; de: 13 (0.7) shares g0's paragraph
+        ("g1en", "en"): "other", ("g1en", "de"): "answer",  # en: 3 (0.6) is paragraph 1, the answer 1 is paragraph 0
+        ("g1de", "en"): "sibling", ("g1de", "de"): "answer",  # en: 0 ties with the answer 1, same paragraph
+        ("g2en", "en"): "sibling",  # en: 3 (0.9) shares paragraph 1 with the answer 2
+    }  # fmt: skip
+    summary = headline_figures(scores)
+    assert summary["mono_sibling_errors"] == pytest.approx(2 / 3)  # errors: g0 de>de sibling, g1 en>en other, g2 en>en sibling
+    assert summary["cross_sibling_errors"] == pytest.approx(1 / 2)  # g0 de>en other, g1 de>en sibling
+
+
 def test_summarize_macro_averages_pairs_and_query_languages():
     summary = headline_figures(score_task(*synthetic_task()))
     expected = {
@@ -97,13 +118,25 @@ def test_summarize_macro_averages_pairs_and_query_languages():
         "multi_recall_at_10": sum(LANG_R10) / 2,
         "multi_ndcg_at_10": sum(LANG_NDCG) / 2,
         "rank_distance": sum(LANG_DIST) / 2,  # 3.33; the mean over queries would be 2.8
+        "language_preference": 1.0,
+        "language_preference_chance": ((0.5 + 0.5 + 1) / 3 + 0.5) / 2,
+        "mono_sibling_errors": 2 / 3,
+        "cross_sibling_errors": 1 / 2,
     }
     assert summary.keys() == {*expected, "lang"}
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value, abs=1e-6), key
     assert list(summary["lang"]) == ["en", "de"]
     assert summary["lang"]["de"] == pytest.approx(
-        {"mono_map": 0.75, "multi_map": 7 / 12, "multi_recall_at_10": 0.75, "multi_ndcg_at_10": LANG_NDCG[1], "rank_distance": 6.0},
+        {
+            "mono_map": 0.75,
+            "multi_map": 7 / 12,
+            "multi_recall_at_10": 0.75,
+            "multi_ndcg_at_10": LANG_NDCG[1],
+            "rank_distance": 6.0,
+            "language_preference": 1.0,
+            "language_preference_chance": 0.5,
+        },
         abs=1e-6,
     )
     assert summary["lang"]["en"]["mono_map"] == pytest.approx(11 / 18, abs=1e-6)
@@ -162,25 +195,38 @@ def test_score_task_on_random_embeddings_agrees_with_a_direct_computation():
         candidate_text=[str(c) for c in range(offsets[-1])],
         pool_offsets=offsets,
         answers=answer[[g for g, _ in rows]],
+        candidate_paragraph=np.concatenate([np.arange(n) // 3 for n in sizes]),
     )
     queries = rng.normal(size=(len(rows), 8)).astype(np.float32)
     pool = rng.normal(size=(offsets[-1], 8)).astype(np.float32)
     got = score_task(task, queries, pool, block=3)
     scores = queries @ pool.T
+    paragraph = task.candidate_paragraph
     ap = {(x, y): [] for x in range(3) for y in range(3)}
-    multi = {x: [] for x in range(3)}
+    multi, own_first, top1 = {x: [] for x in range(3)}, {x: [] for x in range(3)}, []
     for q, (g, x) in enumerate(rows):
         for y in range(3):
             if answer[g, y] >= 0:
                 own = scores[q, offsets[y] : offsets[y + 1]]
                 ap[x, y].append(1 / (own >= scores[q, answer[g, y]]).sum())
+                first = offsets[y] + int(np.argmax(own))  # random scores: no ties
+                kind = "answer" if first == answer[g, y] else "sibling" if paragraph[first] == paragraph[answer[g, y]] else "other"
+                top1.append((q, y, kind))
         ranks = sorted(int((scores[q] >= scores[q, a]).sum()) for a in answer[g] if a >= 0)
         multi[x].append(np.mean([(k + 1) / r for k, r in enumerate(ranks)]))
+        best = max((a for a in answer[g] if a >= 0), key=lambda a: scores[q, a])
+        own_first[x].append(float(offsets[x] <= best < offsets[x + 1]))
     for x in range(3):
         for y in range(3):
             want = np.mean(ap[x, y]) if ap[x, y] else np.nan
             np.testing.assert_allclose(got.pair_map.iloc[x, y], want, atol=1e-6, err_msg=f"{langs[x]}->{langs[y]}")
         np.testing.assert_allclose(got.languages["multi_map"].iloc[x], np.mean(multi[x]), atol=1e-6)
+        np.testing.assert_allclose(got.languages["language_preference"].iloc[x], np.mean(own_first[x]), atol=1e-12)
+    pairs = got.queries[got.queries["setting"] != "multi"]
+    assert sorted(zip(pairs["question_id"], pairs["query_lang"], pairs["passage_lang"], pairs["top1"])) == sorted(
+        (task.query_id[q], langs[rows[q][1]], langs[y], kind) for q, y, kind in top1
+    )
+    assert {kind for *_, kind in top1} == {"answer", "sibling", "other"}  # the draw exercises every kind
 
 
 # --- build_task on a slice of the mirror -----------------------------------------------
@@ -328,7 +374,9 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
         assert 0 <= summary[key] <= 1, key
     assert summary["rank_distance"] >= 0
     assert set(summary["lang"]) == {"en", "de"}  # write_json sorts keys
-    assert set(summary["lang"]["en"]) == {"mono_map", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance"}
+    assert set(summary["lang"]["en"]) == {
+        "mono_map", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance", "language_preference", "language_preference_chance",
+    }  # fmt: skip
     assert "xquad_r: Mo. mAP" in out.stdout
 
     # per-query results: every headline figure is the macro-average of them, recomputed independently
@@ -338,6 +386,12 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     recomputed = compare.headline(per_query)
     for key in ("mono_map", "cross_map", "multi_map", "multi_recall_at_10", "rank_distance"):
         assert recomputed[key] == pytest.approx(summary[key], abs=1e-6), key  # eval.json rounds to 6 digits
+    multi = per_query[per_query["setting"] == "multi"]
+    own_first = multi.groupby("query_lang")["own_language_first"].mean().mean()
+    assert summary["language_preference"] == pytest.approx(own_first, abs=1e-6)
+    mono = per_query[per_query["setting"] == "mono"]
+    assert set(mono["top1"]) <= {"answer", "sibling", "other"} and mono["top1"].notna().all() and multi["top1"].isna().all()
+    assert (mono["top1"] == "answer").mean() == pytest.approx(summary["mono_recall_at_1"], abs=1e-6)  # same size per language
 
     pairs = pd.read_csv(workdir / "plots" / "pairs.csv")
     assert len(pairs) == 4 and list(pairs.columns) == ["dataset", "query_lang", "passage_lang", "map"]

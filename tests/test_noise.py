@@ -146,6 +146,7 @@ def _task(langs: list[str], per_lang: list[int], texts: list[str] | None = None)
         candidate_text=[f"Passage {c} in {lang}" for lang in langs for c in range(n_groups)],
         pool_offsets=offsets,
         answers=np.stack([offsets[y] + group for y in range(len(langs))], axis=1),
+        candidate_paragraph=np.tile(np.arange(n_groups), len(langs)),
     )
 
 

@@ -339,13 +339,14 @@ def label_groups(entries: list[str], labels: list[str | None]) -> list[tuple[str
     return list(groups.items())
 
 
-def read_queries(rev: str, path: str, repo: str | None = None) -> pd.DataFrame:
-    """The per-query table `path` at `rev` (an experiment, a git revision, or 'workspace')."""
+def read_queries(rev: str, path: str, repo: str | None = None, schema: pa.Schema = COMPARED_SCHEMA) -> pd.DataFrame:
+    """The per-query table `path` at `rev` (an experiment, a git revision, or 'workspace'),
+    with `schema`'s columns."""
     if rev == "workspace":
         local = Path(repo or ".") / path
         if not local.exists():
             raise PipelineError(f"workspace: {path} not found (run `dvc repro evaluate` first)")
-        return read_parquet(local, COMPARED_SCHEMA).to_pandas()
+        return read_parquet(local, schema).to_pandas()
     import dvc.api
     from dvc.exceptions import DvcException, PathMissingError
     from dvc.scm import RevError
@@ -367,7 +368,7 @@ def read_queries(rev: str, path: str, repo: str | None = None) -> pd.DataFrame:
         copy = Path(tmp) / Path(path).name
         copy.write_bytes(data)
         try:
-            return read_parquet(copy, COMPARED_SCHEMA).to_pandas()
+            return read_parquet(copy, schema).to_pandas()
         except PipelineError as err:
             raise PipelineError(str(err).replace(str(copy), f"{rev}:{path}")) from None
 

@@ -1,0 +1,123 @@
+"""The table of a search: every experiment's changed params and figures, and its frontier.
+
+    python -m pipeline.grid [--match 'g-*'] [--dataset xquad_r] [--out docs/grid]
+
+Reads every experiment of the current commit through `dvc.api.exp_show` (as
+`pipeline.sweep` does), keeps those whose name matches `--match` (a glob), and writes
+`<out>.md` and `<out>.csv`: one row per experiment with the params that differ between
+the kept runs, the fine-tuned model's headline figures and their change from the zero-shot
+base, and whether the run is on the frontier (no other run is at least as good on Mo.,
+Cr. and Mul. mAP and rank distance and better on one). `<out>.png` plots Mo. against
+Mul. mAP and rank distance, the frontier labelled, the base marked, so a user can choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import PipelineError, atomic_path, run_stage, write_figure
+from pipeline.params_schema import SCHEMA
+from pipeline.sweep import BASE_FILE, METRICS_FILE, _metric, _param
+
+FIGURES = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP", "rank_distance": "rank distance"}
+LOWER_IS_BETTER = {"rank_distance"}
+
+
+def grid_table(experiments: list[dict], dataset: str, match: str = "*") -> pd.DataFrame:
+    """One row per named, finished experiment matching `match`: changed params, figures, base figures."""
+    rows = []
+    for exp in experiments:
+        name = exp.get("Experiment")
+        if not name or not fnmatch.fnmatch(name, match):
+            continue
+        figures = {key: _metric(exp, f"{dataset}.{key}", METRICS_FILE, METRICS_FILE) for key in FIGURES}
+        if None in figures.values():
+            continue  # queued, failed, or evaluated on other datasets
+        base = {f"base_{key}": _metric(exp, f"{dataset}.{key}", BASE_FILE, METRICS_FILE) for key in FIGURES}
+        params = {key: _param(exp, key) for key in SCHEMA}
+        rows.append({"experiment": name, **params, **figures, **{k: np.nan if v is None else v for k, v in base.items()}})
+    if not rows:
+        raise PipelineError(f"no finished experiment named like '{match}' has {dataset} metrics in {METRICS_FILE}")
+    table = pd.DataFrame(rows)
+    changed = [key for key in SCHEMA if table[key].astype(str).nunique() > 1]
+    table = table[["experiment", *changed, *FIGURES, *(f"base_{k}" for k in FIGURES)]]
+    table["frontier"] = frontier(table[list(FIGURES)])
+    return table.sort_values("mono_map", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def frontier(figures: pd.DataFrame) -> np.ndarray:
+    """True for rows no other row dominates (at least as good on every figure, better on one)."""
+    signed = figures.to_numpy(float) * np.array([-1.0 if key in LOWER_IS_BETTER else 1.0 for key in figures.columns])
+    at_least = (signed[None, :, :] >= signed[:, None, :]).all(axis=2)  # [i, j]: j at least as good as i everywhere
+    better = (signed[None, :, :] > signed[:, None, :]).any(axis=2)
+    return ~(at_least & better).any(axis=1)
+
+
+def markdown(table: pd.DataFrame, dataset: str) -> str:
+    params = [c for c in table.columns if c not in ("experiment", "frontier") and c not in FIGURES and not c.startswith("base_")]
+    head = ["experiment", *params, *(f"{label} (Δ base)" for label in FIGURES.values()), "frontier"]
+    lines = [f"{dataset}: {len(table)} runs, best Mo. mAP first; Δ base = change from the zero-shot base", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        cells = [row["experiment"], *(str(row[p]) for p in params)]
+        for key in FIGURES:
+            digits = 1 if key == "rank_distance" else 4
+            delta = row[key] - row[f"base_{key}"]
+            cells.append(f"{row[key]:.{digits}f} ({delta:+.{digits}f})")
+        cells.append("yes" if row["frontier"] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(table: pd.DataFrame, path: Path, dataset: str):
+    """Mo. mAP against Mul. mAP and against rank distance; frontier runs labelled, the base a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key in zip(axes, ("multi_map", "rank_distance")):
+        on = table["frontier"].to_numpy(bool)
+        ax.scatter(table.loc[~on, key], table.loc[~on, "mono_map"], color="grey", s=18, label="run")
+        ax.scatter(table.loc[on, key], table.loc[on, "mono_map"], color="C0", s=30, label="frontier")
+        for _, row in table[on].iterrows():
+            ax.annotate(row["experiment"], (row[key], row["mono_map"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        base = table[[f"base_{key}", "base_mono_map"]].dropna().drop_duplicates()
+        ax.scatter(base[f"base_{key}"], base["base_mono_map"], marker="*", s=120, color="C3", label="zero-shot base")
+        ax.set_xlabel(FIGURES[key] + (" (lower is better)" if key in LOWER_IS_BETTER else ""))
+        ax.set_ylabel("Mo. mAP")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{dataset}: what each run trades", fontsize=10)
+    fig.tight_layout()
+    write_figure(fig, path)
+    return fig
+
+
+def main() -> None:
+    import dvc.api
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--match", default="*", help="glob over experiment names")
+    parser.add_argument("--dataset", default="xquad_r")
+    parser.add_argument("--out", default="docs/grid")
+    args = parser.parse_args()
+    table = grid_table(dvc.api.exp_show(), args.dataset, args.match)
+    text = markdown(table, args.dataset)
+    with atomic_path(f"{args.out}.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    with atomic_path(f"{args.out}.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    plot_frontier(table, Path(f"{args.out}.png"), args.dataset)
+    print(text, end="")
+    print(f"wrote {args.out}.md, {args.out}.csv and {args.out}.png")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,64 @@
+"""pipeline.grid: the search table (changed params, figures, frontier) from `dvc exp show` rows.
+The real `dvc exp show` layout these rows copy (file-prefixed metric names) is tested in test_sweep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.common import PipelineError
+from pipeline.grid import frontier, grid_table, markdown, plot_frontier
+from pipeline.sweep import BASE_FILE, METRICS_FILE
+
+BASE = {"mono_map": 0.80, "cross_map": 0.64, "multi_map": 0.30, "rank_distance": 1200.0}
+
+
+def run(name: str, lr: float, negatives: str, mono: float, cross: float, multi: float, distance: float) -> dict:
+    figures = {"mono_map": mono, "cross_map": cross, "multi_map": multi, "rank_distance": distance}
+    return {
+        "Experiment": name,
+        "seed": 42,
+        "train.lr": lr,
+        "sampler.negatives": negatives,
+        **{f"{METRICS_FILE}:xquad_r.{k}": v for k, v in figures.items()},
+        **{f"{BASE_FILE}:xquad_r.{k}": v for k, v in BASE.items()},
+    }
+
+
+RUNS = [
+    run("g-a", 3e-5, "none", 0.76, 0.66, 0.54, 380.0),
+    run("g-b", 1e-5, "none", 0.79, 0.65, 0.45, 600.0),  # frontier: best Mo.
+    run("g-c", 3e-5, "paragraph", 0.78, 0.67, 0.55, 370.0),  # frontier: dominates g-a
+    run("other", 3e-5, "none", 0.10, 0.10, 0.10, 10.0),  # another search: not matched
+    {"Experiment": "g-queued", "train.lr": 1e-4, "sampler.negatives": "none"},  # no metrics yet
+]
+
+
+def test_frontier_keeps_the_undominated_rows():
+    figures = pd.DataFrame(
+        {"mono_map": [0.7, 0.8, 0.8, 0.6], "multi_map": [0.5, 0.4, 0.4, 0.5], "rank_distance": [100.0, 200.0, 150.0, 90.0]}
+    )
+    # row 1 is dominated by row 2 (same maps, lower distance); row 3 trades Mo. for distance with row 0
+    assert frontier(figures).tolist() == [True, False, True, True]
+    assert frontier(figures.iloc[[0, 0]]).tolist() == [True, True]  # equal rows do not dominate each other
+
+
+def test_grid_table_has_the_changed_params_the_figures_and_the_frontier(tmp_path):
+    table = grid_table(RUNS, "xquad_r", match="g-*")
+    assert table["experiment"].tolist() == ["g-b", "g-c", "g-a"]  # best Mo. first; queued and unmatched left out
+    assert [c for c in table.columns if "." in c] == ["sampler.negatives", "train.lr"]  # schema order; seed is the same
+    assert table["frontier"].tolist() == [True, True, False]
+    assert table["base_mono_map"].tolist() == [0.80] * 3
+    text = markdown(table, "xquad_r")
+    assert "| g-b | none | 1e-05 | 0.7900 (-0.0100) | 0.6500 (+0.0100) | 0.4500 (+0.1500) | 600.0 (-600.0) | yes |" in text
+    fig = plot_frontier(table, tmp_path / "grid.png", "xquad_r")
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    labels = {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert labels == {"g-b", "g-c"}
+    np.testing.assert_allclose(fig.axes[0].collections[2].get_offsets(), [[0.30, 0.80]])  # the base's star
+
+
+def test_no_matching_finished_run_is_one_line():
+    with pytest.raises(PipelineError, match="no finished experiment named like 'h-\\*' has xquad_r metrics"):
+        grid_table(RUNS, "xquad_r", match="h-*")

@@ -1,9 +1,9 @@
 """The table of a search: every experiment's changed params and figures, and its frontier.
 
-    python -m pipeline.grid [--match 'g-*'] [--dataset xquad_r] [--out docs/grid]
+    python -m pipeline.grid [--match 'g-*'] [--num 1] [--dataset xquad_r] [--out docs/grid]
 
-Reads every experiment of the current commit through `dvc.api.exp_show` (as
-`pipeline.sweep` does), keeps those whose name matches `--match` (a glob), and writes
+Reads every experiment of the last `--num` commits (-1: all) through `dvc.api.exp_show`
+(as `pipeline.sweep` does), keeps those whose name matches `--match` (a glob), and writes
 `<out>.md` and `<out>.csv`: one row per experiment with the params that differ between
 the kept runs, the fine-tuned model's headline figures and their change from the zero-shot
 base, and whether the run is on the frontier (no other run is at least as good on Mo.,
@@ -105,10 +105,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--match", default="*", help="glob over experiment names")
+    parser.add_argument("--num", type=int, default=1, help="experiments of the last NUM commits (-1: all)")
     parser.add_argument("--dataset", default="xquad_r")
     parser.add_argument("--out", default="docs/grid")
     args = parser.parse_args()
-    table = grid_table(dvc.api.exp_show(), args.dataset, args.match)
+    table = grid_table(dvc.api.exp_show(num=args.num), args.dataset, args.match)
     text = markdown(table, args.dataset)
     with atomic_path(f"{args.out}.md") as tmp:
         tmp.write_text(text, encoding="utf-8")

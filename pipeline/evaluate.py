@@ -31,7 +31,7 @@ from pipeline.common import (
 from pipeline.contracts import CANDIDATES_SCHEMA, QUERIES_SCHEMA, QUESTIONS_SCHEMA, RAW_DIR, queries_dir, raw_stamp, raw_tables
 from pipeline.encoding import encode_unique, load_model, use_bf16
 from pipeline.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
-from pipeline.mteb_tasks import resolve_tasks, run_tasks
+from pipeline.mteb_tasks import plan_mteb, run_mteb
 from pipeline.report import format_noise, format_summary, write_plots
 from pipeline.robustness import noise_params, noise_robustness
 from pipeline.sources import LAREQA_SOURCES
@@ -89,7 +89,7 @@ def queries_table(scores: TaskScores) -> pa.Table:
 
 
 def main() -> None:
-    parser = stage_parser(__doc__, model="models/retriever", out="metrics/eval.json", plots=None)
+    parser = stage_parser(__doc__, model="models/retriever", out="metrics/eval.json", plots=None, mteb_results="metrics/eval_mteb")
     parser.add_argument("--dataset", help="comma-separated datasets (default: evaluate.datasets)")
     parser.add_argument("--langs", help="comma-separated language codes (default: evaluate.langs or all)")
     args = parser.parse_args()
@@ -101,7 +101,6 @@ def main() -> None:
     if not datasets:
         raise PipelineError("params.yaml: evaluate.datasets: empty; name at least one dataset")
     noises, noise_per_lang, noise_seed = noise_params(params)
-    mteb_names = param(params, "evaluate.mteb_tasks") or []
     outputs = [args.out, queries_dir(args.out)] + ([args.plots] if args.plots else [])
     with atomic_outputs(*outputs) as (out_tmp, queries_tmp, *plots_tmp):
         # every input is checked before the model loads
@@ -109,7 +108,7 @@ def main() -> None:
         for name in datasets:
             questions, candidates, folder = read_source_tables(name)
             tasks[name] = prepare_task(questions, candidates, langs, name, str(folder))
-        mteb_tasks = resolve_tasks(mteb_names, param(params, "evaluate.mteb_langs")) if mteb_names else []
+        mteb_plan = plan_mteb(params, args.model, args.mteb_results)
         model = load_model(args.model, param(params, "model.max_length"))
         bf16 = use_bf16(param(params, "evaluate.precision"), model.device.type, "evaluate.precision")
         report, results, noise_reports = {"precision": "bf16" if bf16 else "fp32"}, {}, {}
@@ -129,8 +128,8 @@ def main() -> None:
                 )
                 report[name]["noise"] = noise_reports[name]
                 print(format_noise(name, noise_reports[name], noise_per_lang))
-        if mteb_tasks:
-            report["mteb"] = run_tasks(model, mteb_tasks, prefixes, batch_size)
+        if mteb_plan:
+            report.update(run_mteb(model, mteb_plan))
         if plots_tmp:
             write_plots(results, noise_reports, plots_tmp[0])
         write_json(report, out_tmp)

@@ -139,6 +139,11 @@ VALUE_CASES = [
     ),
     ({"evaluate.mteb_tasks": [""]}, "evaluate.mteb_tasks[0]: expected a non-empty string, got the string ''"),
     (
+        {"evaluate.mteb_benchmarks": "MTEB(Multilingual, v2)"},
+        "evaluate.mteb_benchmarks: expected a list of MTEB benchmark names or null, got the string 'MTEB(Multilingual, v2)'",
+    ),
+    ({"evaluate.mteb_benchmarks": ["MTEB(eng, v2)", "MTEB(eng, v2)"]}, "evaluate.mteb_benchmarks: repeated: MTEB(eng, v2)"),
+    (
         {"evaluate.mteb_langs": []},
         "evaluate.mteb_langs: the list is empty: name at least one ISO 639-3 language code, or null for every language of those tasks",
     ),
@@ -248,6 +253,7 @@ GOOD_EDITS = [
     {"sampler.steps": MAX_PLAN_ROWS // 16, "sampler.batch_size": 16},
     {"evaluate.langs": ["de", "en"], "evaluate.noise": None, "evaluate.noise_queries": None, "evaluate.mteb_tasks": None},
     {"evaluate.noise": [], "evaluate.mteb_tasks": ["XQuADRetrieval"], "evaluate.mteb_langs": ["deu", "eng-Latn"]},
+    {"evaluate.mteb_tasks": None, "evaluate.mteb_benchmarks": ["MTEB(Multilingual, v2)", "MTEB(eng, v2)"]},
     {"evaluate.datasets": ["xquad_r", "mlqa_r"], "evaluate.langs": ["de", "en", "zh"]},
     {"data.train": "squad", "translate.model": "facebook/nllb-200-distilled-600M", "translate.source_lang": "en"},
     {"data.eval": [], "evaluate.datasets": ["mlqa_r"]},  # data.train is mlqa_r: fetched all the same

@@ -34,12 +34,14 @@ import pandas as pd
 from pipeline.common import PipelineError
 from pipeline.contracts import QUERIES_SCHEMA
 from pipeline.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
+from pipeline.resource_classes import resource_class
 
 # Scores held at once (64 MiB of float32): queries are scored in blocks of
 # SCORE_BUDGET // pool size against the whole multilingual pool, so a pool 10x
 # larger gets blocks 10x smaller and peak memory stays flat.
 SCORE_BUDGET = 2**24
 SETTINGS = ("mono_map", "cross_map", "multi_map")  # the headline figure of each setting
+CLASS_FIGURES = ("mono_map", "multi_map", "rank_distance", "language_preference")  # per query language, by resource class
 
 
 @dataclass
@@ -203,7 +205,20 @@ def headline_figures(scores: TaskScores) -> dict:
     }
     summary = {k: round(float(v), 6) for k, v in summary.items()}
     summary["lang"] = {lang: {k: round(float(v), 6) for k, v in row.items()} for lang, row in scores.languages.iterrows()}
+    summary["resource_class"] = {
+        str(cls): {k: round(float(v), 6) for k, v in row.items()} for cls, row in by_resource_class(scores.languages).iterrows()
+    }
     return summary
+
+
+def by_resource_class(languages: pd.DataFrame) -> pd.DataFrame:
+    """The per-query-language figures averaged over the languages of each resource class
+    (Joshi et al. 2020, 0-5; pipeline/resource_classes.csv), with the number of languages:
+    does training help low-resource languages as much as the rest?"""
+    classes = pd.Index([resource_class(lang) for lang in languages.index], name="resource_class")
+    table = languages[list(CLASS_FIGURES)].groupby(classes).mean()
+    table.insert(0, "languages", languages.groupby(classes).size().astype(float))
+    return table
 
 
 def sibling_error_shares(queries: pd.DataFrame) -> dict[str, float]:

@@ -7,24 +7,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.lareqa import SETTINGS, TaskScores
+from pipeline.lareqa import SETTINGS, TaskScores, by_resource_class
 
 
 def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], plots_dir: Path) -> None:
-    """Per-pair mAP (data + heatmap per dataset), the per-language table and, with noise,
-    mAP of each setting clean and under each noise (noise.csv), for `dvc plots`, into `plots_dir`."""
+    """Per-pair mAP (data + heatmap per dataset), the per-language and per-resource-class
+    tables and, with noise, mAP of each setting clean and under each noise (noise.csv), for
+    `dvc plots`, into `plots_dir`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plots_dir.mkdir(parents=True, exist_ok=True)
-    pairs, languages = [], []
+    pairs, languages, classes = [], [], []
     (plots_dir / "heatmaps").mkdir()
     for name, scores in results.items():
         long = scores.pair_map.rename_axis(index="query_lang", columns="passage_lang").stack()
         pairs.append(long.rename("map").reset_index().assign(dataset=name))
         languages.append(scores.languages.rename_axis("lang").reset_index().assign(dataset=name))
+        classes.append(by_resource_class(scores.languages).reset_index().assign(dataset=name))
         fig, ax = plt.subplots(figsize=(1 + 0.6 * len(scores.pair_map), 0.8 + 0.55 * len(scores.pair_map)))
         image = ax.imshow(scores.pair_map.to_numpy(), vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(scores.pair_map)), scores.pair_map.columns)
@@ -42,6 +44,9 @@ def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], 
     pd.concat(pairs)[columns].round(6).to_csv(plots_dir / "pairs.csv", index=False)
     lang_columns = ["dataset", "lang", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance", "language_preference"]
     pd.concat(languages)[lang_columns].round(6).to_csv(plots_dir / "languages.csv", index=False)
+    class_table = pd.concat(classes)
+    class_table["resource_class"] = "class " + class_table["resource_class"].astype(str)  # a category on the plot's axis
+    class_table[["dataset", *class_table.columns.drop("dataset")]].round(6).to_csv(plots_dir / "resource_classes.csv", index=False)
     noise_rows = [
         {"dataset": name, "noise": noise, **{key: figures[key] for key in SETTINGS}}
         for name, report in noise_reports.items()
@@ -66,6 +71,11 @@ def format_summary(name: str, summary: dict) -> str:
         rows.append(
             f"  {lang:<5}{row['mono_map']:>9.4f}{row['multi_map']:>10.4f}{row['multi_recall_at_10']:>11.4f}"
             f"{row['multi_ndcg_at_10']:>14.4f}{row['rank_distance']:>11.1f}{row['language_preference']:>11.3f}"
+        )
+    for cls, row in summary["resource_class"].items():
+        rows.append(
+            f"  class {cls} ({row['languages']:.0f} languages, Joshi et al. 2020): Mo. mAP {row['mono_map']:.4f}  "
+            f"Mul. mAP {row['multi_map']:.4f}  rank distance {row['rank_distance']:.1f}  own first {row['language_preference']:.3f}"
         )
     return "\n".join([head, *rows])
 

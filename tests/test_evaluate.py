@@ -107,6 +107,23 @@ def test_language_preference_and_top1_kinds_on_hand_worked_ranks():
     assert summary["cross_sibling_errors"] == pytest.approx(1 / 2)  # g0 de>en other, g1 de>en sibling
 
 
+def test_figures_by_resource_class_average_the_languages_of_each_class():
+    languages = pd.DataFrame(
+        {
+            "mono_map": [0.9, 0.8, 0.5, 0.6],
+            "multi_map": [0.6, 0.4, 0.2, 0.3],
+            "rank_distance": [10.0, 20.0, 90.0, 50.0],
+            "language_preference": [0.5, 0.3, 0.9, 0.7],
+            "multi_ndcg_at_10": [0.0] * 4,  # not a class figure
+        },
+        index=["en", "de", "th", "hi"],  # classes 5, 5, 3, 4 (Joshi et al. 2020)
+    )
+    table = lareqa.by_resource_class(languages)
+    assert table.index.tolist() == [3, 4, 5] and table.columns.tolist() == ["languages", *lareqa.CLASS_FIGURES]
+    assert table.loc[5].tolist() == pytest.approx([2, 0.85, 0.5, 15.0, 0.4])
+    assert table.loc[3].tolist() == pytest.approx([1, 0.5, 0.2, 90.0, 0.9])
+
+
 def test_summarize_macro_averages_pairs_and_query_languages():
     summary = headline_figures(score_task(*synthetic_task()))
     expected = {
@@ -123,7 +140,8 @@ def test_summarize_macro_averages_pairs_and_query_languages():
         "mono_sibling_errors": 2 / 3,
         "cross_sibling_errors": 1 / 2,
     }
-    assert summary.keys() == {*expected, "lang"}
+    assert summary.keys() == {*expected, "lang", "resource_class"}
+    assert summary["resource_class"] == {"5": pytest.approx({"languages": 2, **{k: expected[k] for k in lareqa.CLASS_FIGURES}}, abs=1e-6)}
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value, abs=1e-6), key
     assert list(summary["lang"]) == ["en", "de"]
@@ -400,6 +418,10 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     assert mono["en"] == pytest.approx(summary["lang"]["en"]["mono_map"], abs=1e-6)
     languages = pd.read_csv(workdir / "plots" / "languages.csv")
     assert languages["lang"].tolist() == ["en", "de"]
+    classes = pd.read_csv(workdir / "plots" / "resource_classes.csv")  # en and de are both class 5
+    assert classes["resource_class"].tolist() == ["class 5"] and classes["languages"].tolist() == [2]
+    assert classes["multi_map"].iloc[0] == pytest.approx(summary["resource_class"]["5"]["multi_map"], abs=1e-6)
+    assert "class 5 (2 languages" in out.stdout
     assert (workdir / "plots" / "heatmaps" / "xquad_r.png").stat().st_size > 0
 
     # the noise report (params.yaml's default noises; fewer than noise_queries questions: all of them)

@@ -1,6 +1,7 @@
 """The table of a search: every experiment's changed params and figures, and its frontier.
 
-    python -m pipeline.grid [--match 'g-*'] [--num 1] [--dataset xquad_r] [--out docs/grid]
+    python -m pipeline.grid [--match 'g-*'] [--num 1] [--dataset xquad_r] [--figures mono_map,...]
+                            [--group seed] [--out docs/grid]
 
 Reads every experiment of the last `--num` commits (-1: all) through `dvc.api.exp_show`
 (as `pipeline.sweep` does), keeps those whose name matches `--match` (a glob), and writes
@@ -9,6 +10,8 @@ the kept runs, the fine-tuned model's headline figures and their change from the
 base, and whether the run is on the frontier (no other run is at least as good on Mo.,
 Cr. and Mul. mAP and rank distance and better on one). `<out>.png` plots Mo. against
 Mul. mAP and rank distance, the frontier labelled, the base marked, so a user can choose.
+`--figures` picks other metrics (e.g. `noise.typo_0.15.multi_drop`; drops and rank distance
+count lower as better); `--group seed` pools runs that differ only in `seed` (mean ± sd).
 """
 
 from __future__ import annotations
@@ -25,50 +28,83 @@ from pipeline.params_schema import SCHEMA
 from pipeline.sweep import BASE_FILE, METRICS_FILE, _metric, _param
 
 FIGURES = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP", "rank_distance": "rank distance"}
-LOWER_IS_BETTER = {"rank_distance"}
 
 
-def grid_table(experiments: list[dict], dataset: str, match: str = "*") -> pd.DataFrame:
+def lower_is_better(figure: str) -> bool:
+    """Rank distance and the drops under noise are better low; every mAP high."""
+    return figure == "rank_distance" or figure.endswith("_drop")
+
+
+def grid_table(experiments: list[dict], dataset: str, match: str = "*", figures: list[str] | None = None) -> pd.DataFrame:
     """One row per named, finished experiment matching `match`: changed params, figures, base figures."""
+    figures = figures or list(FIGURES)
     rows = []
     for exp in experiments:
         name = exp.get("Experiment")
         if not name or not fnmatch.fnmatch(name, match):
             continue
-        figures = {key: _metric(exp, f"{dataset}.{key}", METRICS_FILE, METRICS_FILE) for key in FIGURES}
-        if None in figures.values():
+        values = {key: _metric(exp, f"{dataset}.{key}", METRICS_FILE, METRICS_FILE) for key in figures}
+        if None in values.values():
             continue  # queued, failed, or evaluated on other datasets
-        base = {f"base_{key}": _metric(exp, f"{dataset}.{key}", BASE_FILE, METRICS_FILE) for key in FIGURES}
+        base = {f"base_{key}": _metric(exp, f"{dataset}.{key}", BASE_FILE, METRICS_FILE) for key in figures}
         params = {key: _param(exp, key) for key in SCHEMA}
-        rows.append({"experiment": name, **params, **figures, **{k: np.nan if v is None else v for k, v in base.items()}})
+        rows.append({"experiment": name, **params, **values, **{k: np.nan if v is None else v for k, v in base.items()}})
     if not rows:
-        raise PipelineError(f"no finished experiment named like '{match}' has {dataset} metrics in {METRICS_FILE}")
+        raise PipelineError(f"no finished experiment named like '{match}' has {dataset} metrics {', '.join(figures)} in {METRICS_FILE}")
     table = pd.DataFrame(rows)
     changed = [key for key in SCHEMA if table[key].astype(str).nunique() > 1]
-    table = table[["experiment", *changed, *FIGURES, *(f"base_{k}" for k in FIGURES)]]
-    table["frontier"] = frontier(table[list(FIGURES)])
-    return table.sort_values("mono_map", ascending=False, kind="stable").reset_index(drop=True)
+    table = table[["experiment", *changed, *figures, *(f"base_{k}" for k in figures)]]
+    table.insert(len(changed) + 1, "runs", 1)
+    return finish(table, figures)
+
+
+def pool_runs(table: pd.DataFrame, key: str, figures: list[str]) -> pd.DataFrame:
+    """Runs that differ only in param `key` (e.g. seed) pooled into one row: the mean of each
+    figure, its sd across the runs (`<figure>_sd`), and the number of runs."""
+    if key not in table:
+        return table  # every run has the same `key`: nothing to pool
+    params = [c for c in table.columns[1 : table.columns.get_loc("runs")] if c != key]
+    groups = table.groupby([table[p].astype(str) for p in params], sort=False) if params else table.groupby(lambda _: 0)
+    pooled = groups.agg(
+        experiment=("experiment", lambda names: ", ".join(sorted(names))),
+        **{p: (p, "first") for p in params},
+        runs=("experiment", "size"),
+        **{f: (f, "mean") for f in figures},
+        **{f"{f}_sd": (f, "std") for f in figures},
+        **{f"base_{f}": (f"base_{f}", "mean") for f in figures},
+    )
+    return finish(pooled.reset_index(drop=True), figures)
+
+
+def finish(table: pd.DataFrame, figures: list[str]) -> pd.DataFrame:
+    table["frontier"] = frontier(table[figures])
+    return table.sort_values(figures[0], ascending=lower_is_better(figures[0]), kind="stable").reset_index(drop=True)
 
 
 def frontier(figures: pd.DataFrame) -> np.ndarray:
     """True for rows no other row dominates (at least as good on every figure, better on one)."""
-    signed = figures.to_numpy(float) * np.array([-1.0 if key in LOWER_IS_BETTER else 1.0 for key in figures.columns])
+    signed = figures.to_numpy(float) * np.array([-1.0 if lower_is_better(key) else 1.0 for key in figures.columns])
     at_least = (signed[None, :, :] >= signed[:, None, :]).all(axis=2)  # [i, j]: j at least as good as i everywhere
     better = (signed[None, :, :] > signed[:, None, :]).any(axis=2)
     return ~(at_least & better).any(axis=1)
 
 
-def markdown(table: pd.DataFrame, dataset: str) -> str:
-    params = [c for c in table.columns if c not in ("experiment", "frontier") and c not in FIGURES and not c.startswith("base_")]
-    head = ["experiment", *params, *(f"{label} (Δ base)" for label in FIGURES.values()), "frontier"]
-    lines = [f"{dataset}: {len(table)} runs, best Mo. mAP first; Δ base = change from the zero-shot base", ""]
+def markdown(table: pd.DataFrame, dataset: str, figures: list[str]) -> str:
+    params = list(table.columns[1 : table.columns.get_loc("runs")])
+    head = ["experiment", *params, "runs", *(f"{FIGURES.get(f, f)} (Δ base)" for f in figures), "frontier"]
+    spread = " ± sd over runs," if (table["runs"] > 1).any() else ""
+    lines = [
+        f"{dataset}: {len(table)} rows, best {FIGURES.get(figures[0], figures[0])} first;{spread} Δ base = change from the zero-shot base",
+        "",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in table.iterrows():
-        cells = [row["experiment"], *(str(row[p]) for p in params)]
-        for key in FIGURES:
+        cells = [row["experiment"], *(str(row[p]) for p in params), str(row["runs"])]
+        for key in figures:
             digits = 1 if key == "rank_distance" else 4
+            sd = f" ± {row[f'{key}_sd']:.{digits}f}" if f"{key}_sd" in row and not np.isnan(row[f"{key}_sd"]) else ""
             delta = row[key] - row[f"base_{key}"]
-            cells.append(f"{row[key]:.{digits}f} ({delta:+.{digits}f})")
+            cells.append(f"{row[key]:.{digits}f}{sd}" + ("" if np.isnan(delta) else f" ({delta:+.{digits}f})"))
         cells.append("yes" if row["frontier"] else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -83,6 +119,8 @@ def plot_frontier(table: pd.DataFrame, path: Path, dataset: str):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key in zip(axes, ("multi_map", "rank_distance")):
+        if key not in table:
+            continue
         on = table["frontier"].to_numpy(bool)
         ax.scatter(table.loc[~on, key], table.loc[~on, "mono_map"], color="grey", s=18, label="run")
         ax.scatter(table.loc[on, key], table.loc[on, "mono_map"], color="C0", s=30, label="frontier")
@@ -90,7 +128,7 @@ def plot_frontier(table: pd.DataFrame, path: Path, dataset: str):
             ax.annotate(row["experiment"], (row[key], row["mono_map"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         base = table[[f"base_{key}", "base_mono_map"]].dropna().drop_duplicates()
         ax.scatter(base[f"base_{key}"], base["base_mono_map"], marker="*", s=120, color="C3", label="zero-shot base")
-        ax.set_xlabel(FIGURES[key] + (" (lower is better)" if key in LOWER_IS_BETTER else ""))
+        ax.set_xlabel(FIGURES[key] + (" (lower is better)" if lower_is_better(key) else ""))
         ax.set_ylabel("Mo. mAP")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -107,10 +145,15 @@ def main() -> None:
     parser.add_argument("--match", default="*", help="glob over experiment names")
     parser.add_argument("--num", type=int, default=1, help="experiments of the last NUM commits (-1: all)")
     parser.add_argument("--dataset", default="xquad_r")
+    parser.add_argument("--figures", default=",".join(FIGURES), help="comma-separated metric names under the dataset")
+    parser.add_argument("--group", default=None, help="pool runs that differ only in this param (e.g. seed)")
     parser.add_argument("--out", default="docs/grid")
     args = parser.parse_args()
-    table = grid_table(dvc.api.exp_show(num=args.num), args.dataset, args.match)
-    text = markdown(table, args.dataset)
+    figures = args.figures.split(",")
+    table = grid_table(dvc.api.exp_show(num=args.num), args.dataset, args.match, figures)
+    if args.group:
+        table = pool_runs(table, args.group, figures)
+    text = markdown(table, args.dataset, figures)
     with atomic_path(f"{args.out}.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
     with atomic_path(f"{args.out}.csv") as tmp:

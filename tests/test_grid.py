@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline.common import PipelineError
-from pipeline.grid import frontier, grid_table, markdown, plot_frontier
+from pipeline.grid import FIGURES, frontier, grid_table, markdown, plot_frontier, pool_runs
 from pipeline.sweep import BASE_FILE, METRICS_FILE
 
 BASE = {"mono_map": 0.80, "cross_map": 0.64, "multi_map": 0.30, "rank_distance": 1200.0}
@@ -50,8 +50,8 @@ def test_grid_table_has_the_changed_params_the_figures_and_the_frontier(tmp_path
     assert [c for c in table.columns if "." in c] == ["sampler.negatives", "train.lr"]  # schema order; seed is the same
     assert table["frontier"].tolist() == [True, True, False]
     assert table["base_mono_map"].tolist() == [0.80] * 3
-    text = markdown(table, "xquad_r")
-    assert "| g-b | none | 1e-05 | 0.7900 (-0.0100) | 0.6500 (+0.0100) | 0.4500 (+0.1500) | 600.0 (-600.0) | yes |" in text
+    text = markdown(table, "xquad_r", list(FIGURES))
+    assert "| g-b | none | 1e-05 | 1 | 0.7900 (-0.0100) | 0.6500 (+0.0100) | 0.4500 (+0.1500) | 600.0 (-600.0) | yes |" in text
     fig = plot_frontier(table, tmp_path / "grid.png", "xquad_r")
     assert (tmp_path / "grid.png").stat().st_size > 0
     labels = {t.get_text() for ax in fig.axes for t in ax.texts}
@@ -62,3 +62,18 @@ def test_grid_table_has_the_changed_params_the_figures_and_the_frontier(tmp_path
 def test_no_matching_finished_run_is_one_line():
     with pytest.raises(PipelineError, match="no finished experiment named like 'h-\\*' has xquad_r metrics"):
         grid_table(RUNS, "xquad_r", match="h-*")
+
+
+def test_runs_that_differ_only_in_seed_pool_into_mean_and_sd():
+    seeds = [dict(run(f"g-a-s{seed}", 3e-5, "none", mono, 0.66, 0.54, 380.0), seed=seed) for seed, mono in ((42, 0.76), (43, 0.78))]
+    runs = [*seeds, run("g-c", 3e-5, "paragraph", 0.775, 0.67, 0.55, 370.0)]
+    figures = ["mono_map", "noise.typo_0.15.multi_drop"]
+    for r, drop in zip(runs, (0.10, 0.12, 0.05)):
+        r[f"{METRICS_FILE}:xquad_r.noise.typo_0.15.multi_drop"] = drop
+    table = pool_runs(grid_table(runs, "xquad_r", "g-*", figures), "seed", figures)
+    assert table["experiment"].tolist() == ["g-c", "g-a-s42, g-a-s43"] and table["runs"].tolist() == [1, 2]  # best Mo. first
+    assert table.loc[1, "mono_map"] == pytest.approx(0.77) and table.loc[1, "mono_map_sd"] == pytest.approx(np.std([0.76, 0.78], ddof=1))
+    assert table.loc[1, "noise.typo_0.15.multi_drop"] == pytest.approx(0.11)
+    assert table["frontier"].tolist() == [True, False]  # g-c: more Mo. mAP than the seeds' mean and a smaller drop
+    text = markdown(table, "xquad_r", figures)
+    assert "| g-a-s42, g-a-s43 | none | 2 | 0.7700 ± 0.0141 (-0.0300) | 0.1100 ± 0.0141 |" in text

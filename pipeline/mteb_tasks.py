@@ -30,6 +30,13 @@ RETRIEVAL_TYPES = ("Retrieval", "Reranking")
 RETRIEVAL_SCORES = ("ndcg_at_10", "recall_at_100")  # the main score of MTEB retrieval, and how much a reranker could recover
 
 
+RESULTS_NOTE = (
+    "Finished MTEB tasks' results, one folder per model and encoding (a hash of the model's files,\n"
+    "prefixes and max_length), one JSON file per task. DVC keeps this folder between runs\n"
+    "(persist: true), so a killed evaluation resumes after the last finished task.\n"
+)
+
+
 @dataclass
 class MtebPlan:
     """What the stage will run, settled before the model loads."""
@@ -44,8 +51,12 @@ class MtebPlan:
 
 def plan_mteb(params: dict, model_dir: str, results_root: str) -> MtebPlan | None:
     """The MTEB tasks and benchmarks params.yaml asks for (None if none), checked before any model is loaded."""
-    try:  # a DVC out: there after every run, MTEB or not
+    try:  # a DVC out: there after every run, MTEB or not, and never empty (DVC warns of an empty out)
         Path(results_root).mkdir(parents=True, exist_ok=True)
+        note = Path(results_root) / "README.txt"
+        if not note.exists():
+            with atomic_path(note) as tmp:
+                tmp.write_text(RESULTS_NOTE, encoding="utf-8")
     except OSError as err:
         raise PipelineError(f"{results_root}: cannot write there ({err.strerror or first_line(err)})") from None
     task_names = param(params, "evaluate.mteb_tasks") or []

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -66,13 +67,27 @@ def stage_parser(doc: str, **paths: str) -> argparse.ArgumentParser:
     return parser
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML 1.2's numbers: PyYAML follows YAML 1.1, where `3e-05` is a string, yet that is how
+    `dvc exp run -S train.lr=3e-5` writes a float into params.yaml (DVC reads it as one)."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:\d[\d_]*\.[\d_]*(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+|\.\d[\d_]*(?:[eE][-+]?\d+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     """params.yaml, checked whole against the schema (pipeline/params_schema.py) before any work:
     a misspelt key, a wrong type or a value out of range is one line naming it."""
     path = Path(path)
     try:
         with path.open(encoding="utf-8") as f:
-            params = yaml.safe_load(f)
+            params = yaml.load(f, ParamsLoader)
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except yaml.YAMLError as err:

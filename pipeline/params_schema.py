@@ -232,11 +232,7 @@ def _value_error(name: str, value: Any, spec: Spec) -> str | None:
     if value is None:
         return None if spec.nullable else f"{name}: expected {spec.expected()}, got null"
     if not _type_ok(value, spec.kind):
-        hint = ""
-        if spec.kind in ("number", "int") and isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
-            mantissa, exponent = re.split("[eE]", value.strip())
-            hint = f" (YAML reads {value.strip()} as text: write {mantissa}.0e{exponent})"
-        return f"{name}: expected {spec.expected()}, got {describe(value)}{hint}"
+        return f"{name}: expected {spec.expected()}, got {describe(value)}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"{name}: {_fmt(value)} is not a finite number"
     if spec.kind in ("int", "number"):

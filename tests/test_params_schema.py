@@ -18,7 +18,7 @@ import yaml
 from ctranslate2.converters.converter import ACCEPTED_MODEL_TYPES
 
 from pipeline import params_schema
-from pipeline.common import PipelineError, load_params, run_stage
+from pipeline.common import ParamsLoader, PipelineError, load_params, run_stage
 from pipeline.languages import NLLB_CODES
 from pipeline.params_schema import MAX_PLAN_ROWS, SCHEMA, leaves, validate
 from tests.helpers import REPO
@@ -211,7 +211,7 @@ VALUE_CASES = [
     ({"train.lr": -math.inf}, "train.lr: -inf is not a finite number"),
     ({"train.lr": math.nan}, "train.lr: nan is not a finite number"),
     ({"train.lr": 0}, "train.lr: 0 must be > 0"),
-    ({"train.lr": "3e-5"}, "train.lr: expected a number, got the string '3e-5' (YAML reads 3e-5 as text: write 3.0e-5)"),
+    ({"train.lr": "3e-5"}, "train.lr: expected a number, got the string '3e-5'"),  # quoted: a string
     ({"train.temperature": -0.05}, "train.temperature: -0.05 must be > 0"),
     ({"train.temperature": math.inf}, "train.temperature: inf is not a finite number"),
     ({"train.warmup_ratio": 1.5}, "train.warmup_ratio: 1.5 is outside [0, 1]"),
@@ -319,15 +319,15 @@ def test_yaml_spellings():
 
     def check(text: str) -> None:
         params = copy.deepcopy(REPO_PARAMS)
-        params["train"].update(yaml.safe_load(text))
+        params["train"].update(yaml.load(text, ParamsLoader))
         validate(params)
 
     with pytest.raises(PipelineError, match=r"^params\.yaml: train\.lr: inf is not a finite number$"):
         check("lr: .inf")
-    with pytest.raises(
-        PipelineError, match=re.escape("train.lr: expected a number, got the string '3e-5' (YAML reads 3e-5 as text: write 3.0e-5)")
-    ):
-        check("lr: 3e-5")
+    check("lr: 3e-05")  # how `dvc exp run -S train.lr=3e-5` writes it: YAML 1.2's float, not 1.1's string
+    check("lr: 1E-5")
+    with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string '3e-5'")):
+        check("lr: '3e-5'")
     with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string 'inf'")):
         check("lr: inf")
     check("lr: 3.0e-5\nfreeze_embeddings: yes")
@@ -360,3 +360,16 @@ def test_list_prints_every_param(monkeypatch, capsys):
     params_schema.main()
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(SCHEMA)
+
+
+def test_params_read_numbers_as_dvc_writes_them(tmp_path):
+    """`dvc exp run -S train.lr=1e-5` writes `lr: 1e-05`, a float in YAML 1.2 (DVC's reading),
+    a string in PyYAML's YAML 1.1: every stage must read it as DVC does."""
+    text = (REPO / "params.yaml").read_text(encoding="utf-8").replace("lr: 3.0e-5", "lr: 1e-05")
+    assert "lr: 1e-05" in text
+    (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+    params = load_params(tmp_path / "params.yaml")
+    assert params["train"]["lr"] == 1e-5 and isinstance(params["train"]["lr"], float)
+    assert yaml.load("a: 1\nb: 0.5\nc: .inf\nd: 1_000\ne: '1e-05'\nf: v1e5\ng: 1e5", ParamsLoader) == {
+        "a": 1, "b": 0.5, "c": float("inf"), "d": 1000, "e": "1e-05", "f": "v1e5", "g": 1e5,
+    }  # fmt: skip

@@ -51,17 +51,14 @@ class MtebPlan:
 
 def plan_mteb(params: dict, model_dir: str, results_root: str) -> MtebPlan | None:
     """The MTEB tasks and benchmarks params.yaml asks for (None if none), checked before any model is loaded."""
-    try:  # a DVC out: there after every run, MTEB or not, and never empty (DVC warns of an empty out)
+    try:  # a DVC out: there after every run, MTEB or not
         Path(results_root).mkdir(parents=True, exist_ok=True)
-        note = Path(results_root) / "README.txt"
-        if not note.exists():
-            with atomic_path(note) as tmp:
-                tmp.write_text(RESULTS_NOTE, encoding="utf-8")
     except OSError as err:
         raise PipelineError(f"{results_root}: cannot write there ({err.strerror or first_line(err)})") from None
     task_names = param(params, "evaluate.mteb_tasks") or []
     benchmark_names = param(params, "evaluate.mteb_benchmarks") or []
     if not task_names and not benchmark_names:
+        leave_note(results_root)
         return None
     langs = param(params, "evaluate.mteb_langs")
     check_langs(langs)
@@ -73,7 +70,16 @@ def plan_mteb(params: dict, model_dir: str, results_root: str) -> MtebPlan | Non
     waiting = [task for task in tasks if task.metadata.name not in finished and not task.is_aggregate]
     if waiting:  # the hub is reachable (or the data cached) before hours of work
         load_task_data(waiting[0])
+    leave_note(results_root)
     return MtebPlan(tasks, benchmarks, results_dir, finished, prefixes, param(params, "evaluate.batch_size"))
+
+
+def leave_note(results_root: str) -> None:
+    """Say what the folder holds, once every param is checked: DVC warns of an empty out."""
+    note = Path(results_root) / "README.txt"
+    if not note.exists():
+        with atomic_path(note) as tmp:
+            tmp.write_text(RESULTS_NOTE, encoding="utf-8")
 
 
 def check_langs(langs: list[str] | None) -> None:

@@ -186,7 +186,8 @@ def test_under_dvc_repro_a_failing_stage_says_how_to_get_its_outputs_back(tmp_pa
     cwd = tmp_path
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=cwd, check=True)
-    params = write_params(cwd, **{"sampler.batch_size": 4, "sampler.steps": 3})
+    small = {"sampler.batch_size": 4, "sampler.steps": 3, "sampler.negatives": "none"}  # no candidates table here
+    params = write_params(cwd, **small)
     pairs = make_pairs()
     write_parquet(pairs, cwd / "data/parallel/pairs.parquet", made_by=pairs_stamp(params["data"]["train"]))
     (cwd / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"batches": {
@@ -197,7 +198,7 @@ def test_under_dvc_repro_a_failing_stage_says_how_to_get_its_outputs_back(tmp_pa
     repro = [sys.executable, "-m", "dvc", "repro", "-q"]
     assert subprocess.run(repro, cwd=cwd, capture_output=True, text=True).returncode == 0
     plan = (cwd / "data/batches/plan.parquet").read_bytes()
-    write_params(cwd, **{"sampler.batch_size": 4, "sampler.steps": 3, "sampler.ratio": "0.5"})
+    write_params(cwd, **small, **{"sampler.ratio": "0.5"})
     failed = subprocess.run(repro, cwd=cwd, capture_output=True, text=True)
     assert failed.returncode != 0
     ours = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]

@@ -31,7 +31,7 @@ from pipeline.common import (
 from pipeline.contracts import CANDIDATES_SCHEMA, QUERIES_SCHEMA, QUESTIONS_SCHEMA, RAW_DIR, queries_dir, raw_stamp, raw_tables
 from pipeline.encoding import encode_unique, load_model, use_bf16
 from pipeline.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
-from pipeline.mteb_tasks import plan_mteb, run_mteb
+from pipeline.mteb_tasks import leave_note, plan_mteb, run_mteb
 from pipeline.report import format_noise, format_summary, write_plots
 from pipeline.robustness import noise_params, noise_robustness
 from pipeline.sources import LAREQA_SOURCES
@@ -133,6 +133,7 @@ def main() -> None:
         if plots_tmp:
             write_plots(results, noise_reports, plots_tmp[0])
         write_json(report, out_tmp)
+    leave_note(args.mteb_results)
 
 
 if __name__ == "__main__":

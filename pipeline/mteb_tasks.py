@@ -58,7 +58,6 @@ def plan_mteb(params: dict, model_dir: str, results_root: str) -> MtebPlan | Non
     task_names = param(params, "evaluate.mteb_tasks") or []
     benchmark_names = param(params, "evaluate.mteb_benchmarks") or []
     if not task_names and not benchmark_names:
-        leave_note(results_root)
         return None
     langs = param(params, "evaluate.mteb_langs")
     check_langs(langs)
@@ -70,12 +69,12 @@ def plan_mteb(params: dict, model_dir: str, results_root: str) -> MtebPlan | Non
     waiting = [task for task in tasks if task.metadata.name not in finished and not task.is_aggregate]
     if waiting:  # the hub is reachable (or the data cached) before hours of work
         load_task_data(waiting[0])
-    leave_note(results_root)
     return MtebPlan(tasks, benchmarks, results_dir, finished, prefixes, param(params, "evaluate.batch_size"))
 
 
 def leave_note(results_root: str) -> None:
-    """Say what the folder holds, once every param is checked: DVC warns of an empty out."""
+    """Say what the folder holds, once the stage has succeeded (a failed one touches nothing):
+    DVC warns of an empty out."""
     note = Path(results_root) / "README.txt"
     if not note.exists():
         with atomic_path(note) as tmp:

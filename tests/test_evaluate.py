@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import compare, evaluate, fetch, lareqa
+from pipeline import compare, evaluate, fetch, lareqa, mteb_tasks
 from pipeline.common import PipelineError, read_parquet, run_stage
 from pipeline.contracts import QUERIES_SCHEMA, QUESTIONS_SCHEMA
 from pipeline.encoding import encode_unique
@@ -396,6 +396,7 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
         "mono_map", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance", "language_preference", "language_preference_chance",
     }  # fmt: skip
     assert "xquad_r: Mo. mAP" in out.stdout
+    assert (workdir / "metrics/eval_mteb/README.txt").read_text(encoding="utf-8") == mteb_tasks.RESULTS_NOTE  # never an empty out
 
     # per-query results: every headline figure is the macro-average of them, recomputed independently
     per_query = read_parquet(workdir / "m_queries" / "xquad_r.parquet", QUERIES_SCHEMA).to_pandas()

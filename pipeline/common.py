@@ -227,6 +227,14 @@ def write_figure(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
+def write_report(out: str | Path, text: str, table) -> None:
+    """`<out>.md` (the Markdown a reader pastes) and `<out>.csv` (the same table, for tools), each atomically."""
+    with atomic_path(f"{out}.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    with atomic_path(f"{out}.csv") as tmp:
+        table.to_csv(tmp, index=False)
+
+
 def write_json(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

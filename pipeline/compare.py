@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from pipeline.common import PipelineError, atomic_path, first_line, read_parquet, run_stage, write_figure
+from pipeline.common import PipelineError, first_line, read_parquet, run_stage, write_figure, write_report
 from pipeline.contracts import QUERIES_SCHEMA
 
 # Headline figure -> (setting, column): each is a macro-average over the setting's cells
@@ -483,10 +483,7 @@ def main() -> None:
         f"and paired randomization test, Holm over the figures of each comparison; seed {args.seed}"
     )
     text = markdown(result, header, notes)
-    with atomic_path(f"{args.out}.md") as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    with atomic_path(f"{args.out}.csv") as tmp:
-        result.to_csv(tmp, index=False)
+    write_report(args.out, text, result)
     plot_forest(result, Path(f"{args.out}.png"), header)
     print(text, end="")
     print(f"wrote {args.out}.md, {args.out}.csv and {args.out}.png")

@@ -19,7 +19,7 @@ import argparse
 
 import pandas as pd
 
-from pipeline.common import PipelineError, atomic_path, run_stage
+from pipeline.common import PipelineError, run_stage, write_report
 from pipeline.compare import parse_entry, read_queries
 from pipeline.contracts import QUERIES_SCHEMA
 
@@ -92,10 +92,7 @@ def main() -> None:
     summary = summary_table(top1_transitions(*tables))
     text = markdown(summary, args.before, args.after, args.dataset)
     if args.out:
-        with atomic_path(f"{args.out}.md") as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        with atomic_path(f"{args.out}.csv") as tmp:
-            summary.to_csv(tmp, index=False)
+        write_report(args.out, text, summary)
     print(text, end="")
 
 

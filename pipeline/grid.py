@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, atomic_path, run_stage, write_figure
+from pipeline.common import PipelineError, run_stage, write_figure, write_report
 from pipeline.params_schema import SCHEMA
-from pipeline.sweep import BASE_FILE, METRICS_FILE, _metric, _param
+from pipeline.sweep import BASE_FILE, METRICS_FILE, exp_metric, exp_param
 
 FIGURES = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP", "rank_distance": "rank distance"}
 
@@ -43,11 +43,11 @@ def grid_table(experiments: list[dict], dataset: str, match: str = "*", figures:
         name = exp.get("Experiment")
         if not name or not fnmatch.fnmatch(name, match):
             continue
-        values = {key: _metric(exp, f"{dataset}.{key}", METRICS_FILE, METRICS_FILE) for key in figures}
+        values = {key: exp_metric(exp, f"{dataset}.{key}", METRICS_FILE, METRICS_FILE) for key in figures}
         if None in values.values():
             continue  # queued, failed, or evaluated on other datasets
-        base = {f"base_{key}": _metric(exp, f"{dataset}.{key}", BASE_FILE, METRICS_FILE) for key in figures}
-        params = {key: _param(exp, key) for key in SCHEMA}
+        base = {f"base_{key}": exp_metric(exp, f"{dataset}.{key}", BASE_FILE, METRICS_FILE) for key in figures}
+        params = {key: exp_param(exp, key) for key in SCHEMA}
         rows.append({"experiment": name, **params, **values, **{k: np.nan if v is None else v for k, v in base.items()}})
     if not rows:
         raise PipelineError(f"no finished experiment named like '{match}' has {dataset} metrics {', '.join(figures)} in {METRICS_FILE}")
@@ -154,10 +154,7 @@ def main() -> None:
     if args.group:
         table = pool_runs(table, args.group, figures)
     text = markdown(table, args.dataset, figures)
-    with atomic_path(f"{args.out}.md") as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    with atomic_path(f"{args.out}.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    write_report(args.out, text, table)
     plot_frontier(table, Path(f"{args.out}.png"), args.dataset)
     print(text, end="")
     print(f"wrote {args.out}.md, {args.out}.csv and {args.out}.png")

@@ -34,7 +34,7 @@ import pandas as pd
 from pipeline.common import PipelineError
 from pipeline.contracts import QUERIES_SCHEMA
 from pipeline.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
-from pipeline.resource_classes import resource_class
+from pipeline.resource_classes import mean_by_class, resource_class
 
 # Scores held at once (64 MiB of float32): queries are scored in blocks of
 # SCORE_BUDGET // pool size against the whole multilingual pool, so a pool 10x
@@ -67,6 +67,7 @@ class TaskScores:
     pair_recall_at_1: pd.DataFrame
     languages: pd.DataFrame  # per query language: mono_map, multi_map, multi_recall_at_10, multi_ndcg_at_10,
     #                          rank_distance, language_preference, language_preference_chance
+    resource_classes: pd.DataFrame  # per resource class of the query language: languages, CLASS_FIGURES
 
 
 def build_task(questions: pd.DataFrame, candidates: pd.DataFrame, langs: list[str], origin: str) -> RetrievalTask:
@@ -183,7 +184,7 @@ def scores_from_queries(task: RetrievalTask, pairs: pd.DataFrame, multi: pd.Data
     )
     queries["question_id"] = task.query_id[queries["query"]].astype(str)
     columns = QUERIES_SCHEMA.names
-    return TaskScores(queries=queries[columns], pair_map=pair_map, pair_recall_at_1=pair_r1, languages=languages)
+    return TaskScores(queries[columns], pair_map, pair_r1, languages, by_resource_class(languages))
 
 
 def headline_figures(scores: TaskScores) -> dict:
@@ -206,7 +207,7 @@ def headline_figures(scores: TaskScores) -> dict:
     summary = {k: round(float(v), 6) for k, v in summary.items()}
     summary["lang"] = {lang: {k: round(float(v), 6) for k, v in row.items()} for lang, row in scores.languages.iterrows()}
     summary["resource_class"] = {
-        str(cls): {k: round(float(v), 6) for k, v in row.items()} for cls, row in by_resource_class(scores.languages).iterrows()
+        str(cls): {k: round(float(v), 6) for k, v in row.items()} for cls, row in scores.resource_classes.iterrows()
     }
     return summary
 
@@ -215,10 +216,9 @@ def by_resource_class(languages: pd.DataFrame) -> pd.DataFrame:
     """The per-query-language figures averaged over the languages of each resource class
     (Joshi et al. 2020, 0-5; pipeline/resource_classes.csv), with the number of languages:
     does training help low-resource languages as much as the rest?"""
-    classes = pd.Index([resource_class(lang) for lang in languages.index], name="resource_class")
-    table = languages[list(CLASS_FIGURES)].groupby(classes).mean()
-    table.insert(0, "languages", languages.groupby(classes).size().astype(float))
-    return table
+    table = pd.DataFrame({figure: mean_by_class(languages[figure].to_dict()) for figure in CLASS_FIGURES})
+    table.insert(0, "languages", pd.Series([resource_class(lang) for lang in languages.index]).value_counts().astype(float))
+    return table.rename_axis("resource_class")
 
 
 def sibling_error_shares(queries: pd.DataFrame) -> dict[str, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.lareqa import SETTINGS, TaskScores, by_resource_class
+from pipeline.lareqa import SETTINGS, TaskScores
 
 
 def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], plots_dir: Path) -> None:
@@ -26,7 +26,7 @@ def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], 
         long = scores.pair_map.rename_axis(index="query_lang", columns="passage_lang").stack()
         pairs.append(long.rename("map").reset_index().assign(dataset=name))
         languages.append(scores.languages.rename_axis("lang").reset_index().assign(dataset=name))
-        classes.append(by_resource_class(scores.languages).reset_index().assign(dataset=name))
+        classes.append(scores.resource_classes.reset_index().assign(dataset=name))
         fig, ax = plt.subplots(figsize=(1 + 0.6 * len(scores.pair_map), 0.8 + 0.55 * len(scores.pair_map)))
         image = ax.imshow(scores.pair_map.to_numpy(), vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(scores.pair_map)), scores.pair_map.columns)

@@ -30,7 +30,7 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _metric(exp: dict, name: str, file: str, unprefixed: str) -> float | None:
+def exp_metric(exp: dict, name: str, file: str, unprefixed: str) -> float | None:
     """`name` from `file`'s column. `dvc exp show` prefixes a name with `file:` when several
     files have it (eval.json and eval_base.json share every name); a bare name is one file's
     only, and `unprefixed` says which (see main), so eval_base's is never taken for eval.json's."""
@@ -39,17 +39,17 @@ def _metric(exp: dict, name: str, file: str, unprefixed: str) -> float | None:
     return _number(exp.get(name)) if unprefixed == file else None
 
 
-def _param(exp: dict, name: str):
+def exp_param(exp: dict, name: str):
     """A param's column: bare, or `params.yaml:name` where another params file has the name too."""
     return exp[name] if name in exp else exp.get(f"{PARAMS_FILE}:{name}")
 
 
 def _schedule(exp: dict) -> str:
     """sampler.schedule; a run from before it has sampler.unit instead (unit batch = schedule hybrid)."""
-    schedule = _param(exp, "sampler.schedule")
+    schedule = exp_param(exp, "sampler.schedule")
     if schedule:
         return schedule
-    return "pair" if _param(exp, "sampler.unit") == "pair" else "hybrid"
+    return "pair" if exp_param(exp, "sampler.unit") == "pair" else "hybrid"
 
 
 def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS_FILE) -> pd.DataFrame:
@@ -59,11 +59,11 @@ def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS
     in favour of the named one."""
     rows = []
     for exp in experiments:
-        ratio = _number(_param(exp, "sampler.ratio"))
-        figures = {key: _metric(exp, f"{dataset}.{key}", METRICS_FILE, unprefixed) for key in FIGURES}
+        ratio = _number(exp_param(exp, "sampler.ratio"))
+        figures = {key: exp_metric(exp, f"{dataset}.{key}", METRICS_FILE, unprefixed) for key in FIGURES}
         if ratio is None or figures["multi_map"] is None:
             continue  # queued, failed, or evaluated on other datasets
-        figures |= {f"base_{key}": _metric(exp, f"{dataset}.{key}", BASE_FILE, unprefixed) for key in FIGURES}
+        figures |= {f"base_{key}": exp_metric(exp, f"{dataset}.{key}", BASE_FILE, unprefixed) for key in FIGURES}
         rows.append(
             {
                 "experiment": exp.get("Experiment") or exp.get("rev"),

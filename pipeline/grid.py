@@ -1,7 +1,7 @@
 """The table of a search: every experiment's changed params and figures, and its frontier.
 
     python -m pipeline.grid [--match 'g-*'] [--num 1] [--dataset xquad_r] [--figures mono_map,...]
-                            [--group seed] [--out docs/grid]
+                            [--group seed] [--out docs/grid] [--csv GRID.csv ...]
 
 Reads every experiment of the last `--num` commits (-1: all) through `dvc.api.exp_show`
 (as `pipeline.sweep` does), keeps those whose name matches `--match` (a glob), and writes
@@ -12,12 +12,14 @@ Cr. and Mul. mAP and rank distance and better on one). `<out>.png` plots Mo. aga
 Mul. mAP and rank distance, the frontier labelled, the base marked, so a user can choose.
 `--figures` picks other metrics (e.g. `noise.typo_0.15.multi_drop`; drops and rank distance
 count lower as better); `--group seed` pools runs that differ only in `seed` (mean ± sd).
+`--csv` reads the CSVs of benchmarks/in_process_grid.py (runs made without DVC) instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,32 @@ def grid_table(experiments: list[dict], dataset: str, match: str = "*", figures:
     table = table[["experiment", *changed, *figures, *(f"base_{k}" for k in figures)]]
     table.insert(len(changed) + 1, "runs", 1)
     return finish(table, figures)
+
+
+def csv_table(paths: list[Path], dataset: str, figures: list[str], base: dict) -> pd.DataFrame:
+    """The same table from benchmarks/in_process_grid.py's CSVs (runs made without DVC, e.g. on a
+    GPU machine); the base's figures are `base`'s (metrics/eval_base.json's entry for `dataset`)."""
+    frames = []
+    for path in paths:
+        try:
+            frames.append(pd.read_csv(path))
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise PipelineError(f"{path}: cannot read a grid CSV ({str(err).splitlines()[0]})") from None
+        missing = [column for column in ("name", *(f"{dataset}.{f}" for f in figures)) if column not in frames[-1]]
+        if missing:
+            raise PipelineError(f"{path}: no column '{missing[0]}' (a CSV of benchmarks/in_process_grid.py scored on {dataset}?)")
+    table = pd.concat(frames, ignore_index=True).rename(columns={"name": "experiment"})
+    params = [key for key in SCHEMA if key in table]
+    unknown = [key for key in params if table[key].isna().any()]
+    if unknown:
+        raise PipelineError(f"{paths[0]}: '{unknown[0]}' is not recorded in every CSV; compare grids that record the same params")
+    changed = [key for key in params if table[key].astype(str).nunique() > 1]
+    result = table[["experiment", *changed]].assign(runs=1)
+    for key in figures:
+        result[key] = table[f"{dataset}.{key}"]
+    for key in figures:
+        result[f"base_{key}"] = float(base.get(key, np.nan))
+    return finish(result, figures)
 
 
 def pool_runs(table: pd.DataFrame, key: str, figures: list[str]) -> pd.DataFrame:
@@ -139,8 +167,6 @@ def plot_frontier(table: pd.DataFrame, path: Path, dataset: str):
 
 
 def main() -> None:
-    import dvc.api
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--match", default="*", help="glob over experiment names")
     parser.add_argument("--num", type=int, default=1, help="experiments of the last NUM commits (-1: all)")
@@ -148,9 +174,16 @@ def main() -> None:
     parser.add_argument("--figures", default=",".join(FIGURES), help="comma-separated metric names under the dataset")
     parser.add_argument("--group", default=None, help="pool runs that differ only in this param (e.g. seed)")
     parser.add_argument("--out", default="docs/grid")
+    parser.add_argument("--csv", nargs="+", type=Path, help="read these benchmarks/in_process_grid.py CSVs instead of experiments")
     args = parser.parse_args()
     figures = args.figures.split(",")
-    table = grid_table(dvc.api.exp_show(num=args.num), args.dataset, args.match, figures)
+    if args.csv:
+        base = json.loads(Path(BASE_FILE).read_text(encoding="utf-8")).get(args.dataset, {}) if Path(BASE_FILE).exists() else {}
+        table = csv_table(args.csv, args.dataset, figures, base)
+    else:
+        import dvc.api
+
+        table = grid_table(dvc.api.exp_show(num=args.num), args.dataset, args.match, figures)
     if args.group:
         table = pool_runs(table, args.group, figures)
     text = markdown(table, args.dataset, figures)

@@ -566,6 +566,18 @@ def train_config(params: dict) -> TrainConfig:
     )
 
 
+def batches_from_plan(plan: pa.Table, params: dict, config: TrainConfig) -> tuple[list[PlannedBatch], list]:
+    """The plan's batches as texts, read from the parallel data on disk, and each row's query noise.
+    Shared by the stage and benchmarks/in_process_grid.py."""
+    made_by = pairs_stamp(param(params, "data.train"))
+    pairs = read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by=made_by)
+    with_negatives = plan["negative_candidate"].null_count < plan.num_rows
+    candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by) if with_negatives else None
+    noise = query_noise_draws(plan.num_rows, [Noise.parse(name) for name in config.query_noise], config.query_noise_rate, config.seed)
+    multitask = param(params, "sampler.schedule") == "multitask"
+    return plan_texts(plan, pairs, config.query_prefix, config.passage_prefix, candidates, multitask, noise), noise
+
+
 def main() -> None:
     parser = stage_parser(
         __doc__, base=str(BASE_MODEL_DIR), out="models/retriever", metrics="metrics/train.json", live="metrics/train_live"
@@ -579,13 +591,8 @@ def main() -> None:
     world_size = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else processes
     check_scale_out(world_size, sampler["batch_size"], config.chunk_size)
     plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by=plan_stamp(config.seed, sampler))
-    made_by = pairs_stamp(param(params, "data.train"))
-    pairs = read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by=made_by)
     with_negatives = plan["negative_candidate"].null_count < plan.num_rows
-    candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by) if with_negatives else None
-    noise = query_noise_draws(plan.num_rows, [Noise.parse(name) for name in config.query_noise], config.query_noise_rate, config.seed)
-    multitask = sampler["schedule"] == "multitask"
-    batches = plan_texts(plan, pairs, config.query_prefix, config.passage_prefix, candidates, multitask, noise)
+    batches, noise = batches_from_plan(plan, params, config)
     check_model_dir(args.base, "run `dvc repro base_model`")
     if not launched_by_torchrun() and processes > 1:  # one process per rank, on this machine
         sys.exit(relaunch_under_torchrun(processes, "pipeline.train", sys.argv[1:]))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline.common import PipelineError
-from pipeline.grid import FIGURES, frontier, grid_table, markdown, plot_frontier, pool_runs
+from pipeline.grid import FIGURES, csv_table, frontier, grid_table, markdown, plot_frontier, pool_runs
 from pipeline.sweep import BASE_FILE, METRICS_FILE
 
 BASE = {"mono_map": 0.80, "cross_map": 0.64, "multi_map": 0.30, "rank_distance": 1200.0}
@@ -77,3 +77,29 @@ def test_runs_that_differ_only_in_seed_pool_into_mean_and_sd():
     assert table["frontier"].tolist() == [True, False]  # g-c: more Mo. mAP than the seeds' mean and a smaller drop
     text = markdown(table, "xquad_r", figures)
     assert "| g-a-s42, g-a-s43 | none | 2 | 0.7700 ± 0.0141 (-0.0300) | 0.1100 ± 0.0141 |" in text
+
+
+def grid_csv(path, rows: list[tuple]) -> None:
+    """A CSV as benchmarks/in_process_grid.py writes it: name, the searched params, figures per dataset."""
+    columns = ["name", "seed", "train.temperature", "sampler.steps", "final_loss", *(f"xquad_r.{k}" for k in FIGURES)]
+    pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
+
+
+def test_csv_grids_line_up_pool_seeds_and_take_the_base_from_eval_base(tmp_path):
+    grid_csv(tmp_path / "a.csv", [("t05", 42, 0.05, 60, 0.3, 0.77, 0.67, 0.56, 360.0), ("t01", 42, 0.01, 60, 0.3, 0.81, 0.71, 0.60, 330.0)])
+    grid_csv(tmp_path / "b.csv", [("t01-s43", 43, 0.01, 60, 0.5, 0.83, 0.71, 0.60, 320.0)])
+    table = pool_runs(csv_table([tmp_path / "a.csv", tmp_path / "b.csv"], "xquad_r", list(FIGURES), BASE), "seed", list(FIGURES))
+    assert table["experiment"].tolist() == ["t01, t01-s43", "t05"] and table["runs"].tolist() == [2, 1]
+    assert "sampler.steps" not in table and "final_loss" not in table  # unchanged params and other columns left out
+    assert table.loc[0, "mono_map"] == pytest.approx(0.82) and table.loc[0, "mono_map_sd"] == pytest.approx(np.std([0.81, 0.83], ddof=1))
+    text = markdown(table, "xquad_r", list(FIGURES))
+    assert "| t05 | 0.05 | 1 | 0.7700 (-0.0300) | 0.6700 (+0.0300) | 0.5600 (+0.2600) | 360.0 (-840.0) |  |" in text
+
+
+def test_csv_grids_that_record_other_params_or_another_dataset_are_refused(tmp_path):
+    grid_csv(tmp_path / "a.csv", [("t01", 42, 0.01, 60, 0.3, 0.81, 0.71, 0.60, 330.0)])
+    pd.DataFrame({"name": ["x"], "seed": [42], **{f"xquad_r.{k}": [0.5] for k in FIGURES}}).to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(PipelineError, match="'sampler.steps' is not recorded in every CSV"):
+        csv_table([tmp_path / "a.csv", tmp_path / "b.csv"], "xquad_r", list(FIGURES), BASE)
+    with pytest.raises(PipelineError, match=r"a.csv: no column 'mlqa_r.mono_map'"):
+        csv_table([tmp_path / "a.csv"], "mlqa_r", list(FIGURES), BASE)

@@ -1,0 +1,172 @@
+"""A hyper-parameter grid in one process, without DVC: for a machine that has a GPU but no dvc
+(the lent GPU machines have torch and sentence-transformers only, docs/results/grid.md).
+
+Each config is params.yaml with some params set. For each, the stages' own functions plan the
+batches (batches.plan_from_params), train a fresh copy of the base model (train.train) and
+score the evaluation datasets (evaluate.evaluate_task); one CSV row (the config's name and
+params, the headline figures per dataset, seconds) is appended as soon as a config ends, so a
+killed grid resumes where it stopped and a time-limited one keeps what it finished. Nothing is
+written under data/, models/ or metrics/. Its figures are exploratory: finalists are rerun with
+`dvc exp run` and compared over seeds with `python -m pipeline.compare`.
+
+Run from the repository root, with data/parallel/ and data/raw/<dataset>/ made by `dvc repro batches`:
+    python benchmarks/in_process_grid.py GRID.yaml --out grid.csv [--base models/base] [--eval-batch-size 256]
+
+GRID.yaml is a list of `{name: NAME, set: {dotted.param: value, ...}}`; every config is checked
+against the params schema before the first one trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.batches import plan_from_params  # noqa: E402
+from pipeline.common import ParamsLoader, PipelineError, load_params, param, run_stage  # noqa: E402
+from pipeline.encoding import load_model, use_bf16  # noqa: E402
+from pipeline.evaluate import evaluate_task, prepare_task, read_source_tables  # noqa: E402
+from pipeline.params_schema import validate  # noqa: E402
+from pipeline.train import batches_from_plan, train, train_config  # noqa: E402
+
+FIGURES = ("mono_map", "cross_map", "multi_map", "rank_distance", "language_preference")
+# Recorded on every row whether a config sets them or not, so CSVs of several grids line up
+# (`python -m pipeline.grid --csv A.csv B.csv`); any other param a config sets is added.
+SEARCHED = (
+    "seed",
+    "sampler.ratio",
+    "sampler.schedule",
+    "sampler.negatives",
+    "sampler.steps",
+    "sampler.batch_size",
+    "train.lr",
+    "train.temperature",
+    "train.warmup_ratio",
+    "train.freeze_embeddings",
+)
+
+
+def with_overrides(params: dict, overrides: dict, origin: str) -> dict:
+    """A copy of `params` with each `dotted.name: value` of `overrides` set, checked against the schema."""
+    result = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *groups, leaf = dotted.split(".")
+        node = result
+        for group in groups:
+            if not isinstance(node.get(group), dict):
+                raise PipelineError(f"{origin}: '{dotted}' is not a parameter")
+            node = node[group]
+        if leaf not in node:
+            raise PipelineError(f"{origin}: '{dotted}' is not a parameter")
+        node[leaf] = value
+    validate(result, origin=origin)
+    return result
+
+
+def read_grid(path: Path, params: dict) -> list[tuple[str, dict, dict]]:
+    """(name, overrides, full params) per config, every one checked before any work."""
+    try:
+        entries = yaml.load(path.read_text(encoding="utf-8"), ParamsLoader)
+    except (OSError, yaml.YAMLError) as err:
+        raise PipelineError(f"{path}: cannot read the grid ({str(err).splitlines()[0]})") from None
+    if not isinstance(entries, list) or not entries:
+        raise PipelineError(f"{path}: expected a non-empty list of {{name, set}} entries")
+    configs, names = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("set", {}), dict):
+            raise PipelineError(f"{path}: entry {i + 1}: expected {{name: str, set: {{param: value}}}}")
+        if entry["name"] in names:
+            raise PipelineError(f"{path}: entry {i + 1}: name '{entry['name']}' used twice")
+        names.add(entry["name"])
+        overrides = entry.get("set", {})
+        configs.append((entry["name"], overrides, with_overrides(params, overrides, f"{path}: {entry['name']}")))
+    return configs
+
+
+def finished(out: Path) -> set[str]:
+    if not out.exists():
+        return set()
+    with out.open(newline="", encoding="utf-8") as f:
+        return {row["name"] for row in csv.DictReader(f)}
+
+
+def append_row(out: Path, row: dict) -> None:
+    """One config's row; a CSV begun by another grid (other columns) is refused, not mixed."""
+    header = None
+    if out.exists() and out.stat().st_size:
+        with out.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+        if header != list(row):
+            raise PipelineError(f"{out}: its columns are another grid's; write to a new --out")
+    with out.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if header is None:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run_config(params: dict, base: str, tasks: dict, eval_batch_size: int, device: str) -> dict:
+    """Plan, train a fresh base model and score every task: the config's figures and seconds."""
+    started = time.perf_counter()
+    plan, plan_figures, _ = plan_from_params(params)
+    config = train_config(params)
+    batches, _ = batches_from_plan(plan, params, config)
+    model = load_model(base, config.max_length, device)
+    summary = train(model, batches, config)
+    trained = time.perf_counter()
+    prefixes = (param(params, "model.query_prefix"), param(params, "model.passage_prefix"))
+    bf16 = use_bf16(param(params, "evaluate.precision"), model.device.type, "evaluate.precision")
+    row = {"final_loss": summary["final_loss"], "negatives_planned": plan_figures.get("negatives.planned", 0)}
+    for name, task in tasks.items():
+        figures = evaluate_task(model, task, prefixes, eval_batch_size, bf16).summary
+        row |= {f"{name}.{figure}": figures[figure] for figure in FIGURES}
+    row |= {"train_s": round(trained - started, 1), "eval_s": round(time.perf_counter() - trained, 1)}
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="CSV, appended to one row per config")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base", default="models/base")
+    parser.add_argument("--eval-batch-size", type=int, help="default: evaluate.batch_size")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    configs = read_grid(args.grid, params)
+    done = finished(args.out)
+    todo = [(name, overrides, p) for name, overrides, p in configs if name not in done]
+    evaluated = {(tuple(param(p, "evaluate.datasets")), tuple(param(p, "evaluate.langs") or ())) for _, _, p in configs}
+    if len(evaluated) != 1:
+        raise PipelineError(f"{args.grid}: every config must set the same evaluate.datasets and evaluate.langs")
+    datasets, langs = evaluated.pop()
+    tasks = {}
+    for name in datasets:
+        questions, candidates, folder = read_source_tables(name)
+        tasks[name] = prepare_task(questions, candidates, list(langs) or None, name, str(folder))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eval_batch_size = args.eval_batch_size or param(params, "evaluate.batch_size")
+    print(f"grid {args.grid}: {len(configs)} configs, {len(done & {c[0] for c in configs})} already in {args.out}, on {device}", flush=True)
+    param_names = [*SEARCHED, *sorted({key for _, overrides, _ in configs for key in overrides} - set(SEARCHED))]
+    for i, (name, _, config_params) in enumerate(todo, 1):
+        began = time.perf_counter()
+        row = {"name": name} | {key: param(config_params, key) for key in param_names}
+        row |= run_config(config_params, args.base, tasks, eval_batch_size, device)
+        append_row(args.out, row)
+        shown = "  ".join(f"{k.split('.', 1)[1]} {v:.4f}" for k, v in row.items() if k.endswith(FIGURES[:3]))
+        print(f"[{i}/{len(todo)}] {name}: {shown}  ({time.perf_counter() - began:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

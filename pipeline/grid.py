@@ -78,11 +78,11 @@ def csv_table(paths: list[Path], dataset: str, figures: list[str], base: dict) -
     if unknown:
         raise PipelineError(f"{paths[0]}: '{unknown[0]}' is not recorded in every CSV; compare grids that record the same params")
     changed = [key for key in params if table[key].astype(str).nunique() > 1]
-    result = table[["experiment", *changed]].assign(runs=1)
-    for key in figures:
-        result[key] = table[f"{dataset}.{key}"]
-    for key in figures:
-        result[f"base_{key}"] = float(base.get(key, np.nan))
+    result = table[["experiment", *changed]].assign(
+        runs=1,
+        **{key: table[f"{dataset}.{key}"] for key in figures},
+        **{f"base_{key}": float(base.get(key, np.nan)) for key in figures},
+    )
     return finish(result, figures)
 
 

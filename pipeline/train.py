@@ -318,6 +318,11 @@ def query_noise_draws(rows: int, noises: Sequence[Noise], rate: float, seed: int
     return [(noises[w], int(s)) if p else None for p, w, s in zip(picked, which, typo_seeds)]
 
 
+def has_negatives(plan: pa.Table) -> bool:
+    """Whether the plan names a hard negative for any row (sampler.negatives was not none)."""
+    return plan["negative_candidate"].null_count < plan.num_rows
+
+
 def plan_texts(
     plan: pa.Table,
     pairs: pa.Table,
@@ -353,7 +358,7 @@ def plan_texts(
     rows_of: dict[int, list[int]] = {}
     for i, b in enumerate(batch):
         rows_of.setdefault(b, []).append(i)
-    with_negatives = plan["negative_candidate"].null_count < plan.num_rows
+    keep_negatives = has_negatives(plan)
 
     def pick(values: list, rows: list[int], keep: bool = True) -> list | None:
         return [values[i] for i in rows] if keep else None
@@ -362,11 +367,11 @@ def plan_texts(
         PlannedBatch(
             queries=pick(queries, rows),
             passages=pick(passages, rows),
-            negatives=pick(negatives, rows, with_negatives),
+            negatives=pick(negatives, rows, keep_negatives),
             tasks=pick(kind, rows, multitask),
             query_langs=pick(query_lang, rows),
             passage_langs=pick(passage_lang, rows),
-            negative_langs=pick(negative_lang, rows, with_negatives),
+            negative_langs=pick(negative_lang, rows, keep_negatives),
         )
         for _, rows in sorted(rows_of.items())
     ]
@@ -571,8 +576,7 @@ def batches_from_plan(plan: pa.Table, params: dict, config: TrainConfig) -> tupl
     Shared by the stage and benchmarks/in_process_grid.py."""
     made_by = pairs_stamp(param(params, "data.train"))
     pairs = read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by=made_by)
-    with_negatives = plan["negative_candidate"].null_count < plan.num_rows
-    candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by) if with_negatives else None
+    candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by) if has_negatives(plan) else None
     noise = query_noise_draws(plan.num_rows, [Noise.parse(name) for name in config.query_noise], config.query_noise_rate, config.seed)
     multitask = param(params, "sampler.schedule") == "multitask"
     return plan_texts(plan, pairs, config.query_prefix, config.passage_prefix, candidates, multitask, noise), noise
@@ -591,7 +595,6 @@ def main() -> None:
     world_size = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else processes
     check_scale_out(world_size, sampler["batch_size"], config.chunk_size)
     plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by=plan_stamp(config.seed, sampler))
-    with_negatives = plan["negative_candidate"].null_count < plan.num_rows
     batches, noise = batches_from_plan(plan, params, config)
     check_model_dir(args.base, "run `dvc repro base_model`")
     if not launched_by_torchrun() and processes > 1:  # one process per rank, on this machine
@@ -601,7 +604,7 @@ def main() -> None:
     fingerprint = run_fingerprint(
         PLAN_PATH.read_bytes(),
         PAIRS_PATH.read_bytes(),
-        PARALLEL_CANDIDATES_PATH.read_bytes() if with_negatives else b"",
+        PARALLEL_CANDIDATES_PATH.read_bytes() if has_negatives(plan) else b"",
         json.dumps(asdict(config), sort_keys=True).encode(),
         Path(args.base, "model.safetensors").read_bytes() if Path(args.base, "model.safetensors").exists() else b"",
     )

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -77,26 +78,46 @@ def tiny_corpus(per_lang: int = 60) -> list[str]:
     return texts
 
 
+def tiny_vocab(texts: list[str], vocab_size: int, normalizer, pre_tokenizer) -> dict[str, int]:
+    """Special tokens, every character alone and as a ##continuation, then whole words by count.
+
+    Not `WordPieceTrainer`: it breaks ties between equal counts in hash order, so each process
+    built another vocabulary, another tiny model, and other test figures (CI once saw two configs
+    tie at six digits that differ here). Ties here go in alphabetical order.
+    """
+    words = Counter(word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({char for word in words for char in word})
+    tokens = [*TINY_SPECIAL_TOKENS, *chars, *(f"##{char}" for char in chars)]
+    known = set(tokens)
+    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in known:
+            tokens.append(word)
+    return {token: index for index, token in enumerate(tokens)}
+
+
 def build_tiny_model(out: Path, texts: list[str] | None = None, vocab_size: int = 2000) -> Path:
     """Save a random-weight BERT (hidden 32, 2 layers, 2 heads) + mean pooling + Normalize to `out`.
 
-    The WordPiece tokenizer is trained on `texts` (default: `tiny_corpus()`); weights come
-    from torch.manual_seed(0), so two builds give the same model. Returns `out`.
+    The WordPiece vocabulary comes from `texts` (default: `tiny_corpus()`) by `tiny_vocab`, and the
+    weights from torch.manual_seed(0), so two builds, in any process, give the same model. Returns `out`.
     """
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     out = Path(out)
     hf_dir = out.parent / f"{out.name}-hf"
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, handle_chinese_chars=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, handle_chinese_chars=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab = tiny_vocab(texts if texts is not None else tiny_corpus(), vocab_size, normalizer, pre_tokenizer)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=TINY_SPECIAL_TOKENS)
-    tok.train_from_iterator(texts if texts is not None else tiny_corpus(), trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

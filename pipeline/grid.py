@@ -139,16 +139,22 @@ def markdown(table: pd.DataFrame, dataset: str, figures: list[str]) -> str:
 
 
 def plot_frontier(table: pd.DataFrame, path: Path, dataset: str):
-    """Mo. mAP against Mul. mAP and against rank distance; frontier runs labelled, the base a star."""
+    """Mo. mAP against Mul. mAP and against rank distance; frontier runs labelled, the base a star.
+
+    Writes nothing and returns None when the table lacks Mo. mAP or both others (e.g. a
+    `--figures` of noise drops): an empty chart would only look like a result.
+    """
+    axes_keys = [key for key in ("multi_map", "rank_distance") if key in table]
+    if "mono_map" not in table or not axes_keys:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, key in zip(axes, ("multi_map", "rank_distance")):
-        if key not in table:
-            continue
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5 * len(axes_keys), 4.2), squeeze=False)
+    axes = axes[0]
+    for ax, key in zip(axes, axes_keys):
         on = table["frontier"].to_numpy(bool)
         ax.scatter(table.loc[~on, key], table.loc[~on, "mono_map"], color="grey", s=18, label="run")
         ax.scatter(table.loc[on, key], table.loc[on, "mono_map"], color="C0", s=30, label="frontier")
@@ -188,9 +194,9 @@ def main() -> None:
         table = pool_runs(table, args.group, figures)
     text = markdown(table, args.dataset, figures)
     write_report(args.out, text, table)
-    plot_frontier(table, Path(f"{args.out}.png"), args.dataset)
+    plotted = plot_frontier(table, Path(f"{args.out}.png"), args.dataset) is not None
     print(text, end="")
-    print(f"wrote {args.out}.md, {args.out}.csv and {args.out}.png")
+    print(f"wrote {args.out}.md, {args.out}.csv" + (f" and {args.out}.png" if plotted else " (no Mo. mAP to plot against)"))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,16 @@ def test_grid_table_has_the_changed_params_the_figures_and_the_frontier(tmp_path
     np.testing.assert_allclose(fig.axes[0].collections[2].get_offsets(), [[0.30, 0.80]])  # the base's star
 
 
+def test_a_table_without_mono_map_and_another_figure_plots_nothing(tmp_path):
+    table = grid_table(RUNS, "xquad_r", match="g-*")
+    only_mono = table.drop(columns=["multi_map", "rank_distance"])
+    assert plot_frontier(only_mono, tmp_path / "mono.png", "xquad_r") is None
+    assert plot_frontier(table.drop(columns=["mono_map"]), tmp_path / "noise.png", "xquad_r") is None
+    assert not list(tmp_path.iterdir())
+    one_axis = plot_frontier(table.drop(columns=["rank_distance"]), tmp_path / "multi.png", "xquad_r")
+    assert len(one_axis.axes) == 1 and one_axis.axes[0].get_xlabel() == FIGURES["multi_map"]
+
+
 def test_no_matching_finished_run_is_one_line():
     with pytest.raises(PipelineError, match="no finished experiment named like 'h-\\*' has xquad_r metrics"):
         grid_table(RUNS, "xquad_r", match="h-*")

@@ -17,6 +17,10 @@ python -m pipeline.compare $(entries mx "${PAPER[@]}") --dataset xquad_r --out "
 python -m pipeline.compare $(entries xm "${PAPER[@]}") --dataset mlqa_r --out "$out/compare_xquad_to_mlqa" > /dev/null
 python -m pipeline.compare $(entries mx "${PAPER[@]}" "${NEW[@]}") --against hybrid --dataset xquad_r --out "$out/strategies_mlqa_to_xquad" > /dev/null
 python -m pipeline.compare $(entries xm "${PAPER[@]}" "${NEW[@]}") --against hybrid --dataset mlqa_r --out "$out/strategies_xquad_to_mlqa" > /dev/null
+# The strategies again at temperature 0.01, the default since #20 (runs named mx01-*).
+T01=("hybrid:hybrid" "X-X-mono:xx" "X-Y:xy" "sequential:seq" "multitask:multitask" "neg-query-lang:negql")
+python -m pipeline.compare $(entries mx01 "${T01[@]}") --against hybrid --dataset xquad_r --out "$out/strategies_t01_mlqa_to_xquad" > /dev/null
+python -m pipeline.grid --num -1 --match 'mx01-*' --group seed --dataset xquad_r --out "$out/summary_t01_mlqa_to_xquad" > /dev/null
 python -m pipeline.grid --num -1 --match 'mx-*' --group seed --dataset xquad_r --out "$out/summary_mlqa_to_xquad" > /dev/null
 python -m pipeline.grid --num -1 --match 'xm-*' --group seed --dataset mlqa_r --out "$out/summary_xquad_to_mlqa" > /dev/null
 drops=$(for n in typo_0.05 typo_0.15 no_diacritics lowercase; do echo -n "noise.$n.multi_drop,"; done)

@@ -13,6 +13,9 @@ Targets (issue #6): cached-B/C peaks within 1.3x of plain-C, and its pairs/s is 
 loading the model, i.e. what training adds), torch.cuda.max_memory_allocated on GPU.
 
     python benchmarks/cached_batch.py [--batch-size 1024] [--chunk-size 64] [--model models/base]
+
+Needs `models/base` and the files of `dvc repro batches`; the pairs are the plan's first
+--batch-size pairs, as the train stage reads them (params.yaml's max length and prefixes).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_speed import batches_of_plan  # noqa: E402  (the same pairs as the throughput benchmark)
+from train_speed import describe, machine_record, plan_pairs  # noqa: E402  (the same pairs as the throughput benchmark)
 
 
 def peak_bytes(device: str) -> int:
@@ -49,20 +52,15 @@ def worst_chunk(queries: list[str], passages: list[str], chunk_size: int, tokeni
 def run_one(batch_size: int, chunk_size: int | None, args, chunk_of: int | None = None) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.train import PlannedBatch, TrainConfig, train
+    from pipeline.train import PlannedBatch, train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    queries, passages, config = plan_pairs(args.params, chunk_of or batch_size)
+    config = replace(config, checkpoint_every=10**9, chunk_size=chunk_size, precision="fp32", warmup_ratio=0.0, adversarial_weight=0.0)
     model = SentenceTransformer(args.model, device=device)
-    model.max_seq_length = args.max_length
-    config = TrainConfig(
-        lr=3e-5, temperature=0.05, warmup_ratio=0.0, weight_decay=0.01, max_length=args.max_length,
-        query_prefix="", passage_prefix="", checkpoint_every=10**9, seed=0, chunk_size=chunk_size,
-    )  # fmt: skip
+    model.max_seq_length = config.max_length
     if chunk_of:  # a plain batch of `batch_size` pairs cut from the big batch
-        (big_q,), (big_p,) = batches_of_plan(chunk_of, 1, args.max_length)
-        queries, passages = worst_chunk(big_q, big_p, batch_size, model.tokenizer)
-    else:
-        (queries,), (passages,) = batches_of_plan(batch_size, 1, args.max_length)
+        queries, passages = worst_chunk(queries, passages, batch_size, model.tokenizer)
     warm = min(8, chunk_size or batch_size)
     train(model, [PlannedBatch(queries[:warm], passages[:warm])], replace(config, chunk_size=None))
     loaded = peak_bytes(device)
@@ -84,7 +82,7 @@ def main() -> None:
     parser.add_argument("--model", default="models/base")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--one", help="run one configuration, 'BATCH', 'BATCH/CHUNK' or 'CHUNK@BATCH', and print its JSON (internal)")
     args = parser.parse_args()
     if args.one:
@@ -99,10 +97,11 @@ def main() -> None:
     configs = {f"plain-{b}": f"{b}", f"cached-{b}/{c}": f"{b}/{c}", f"plain-{c}": f"{c}@{b}"}
     results = {}
     for name, spec in configs.items():
-        cmd = [sys.executable, __file__, "--one", spec, "--model", args.model, "--max-length", str(args.max_length)]
+        cmd = [sys.executable, __file__, "--one", spec, "--model", args.model, "--params", args.params]
         results[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     plain_b, cached, plain_c = results.values()
-    print(f"one optimizer step, max length {args.max_length}, {cached['device']}")
+    print(f"machine: {describe(machine_record(cached['device'], 'fp32'))}")
+    print("one optimizer step of the plan's first pairs, fp32")
     print(f"  {'config':<18}{'seconds':>9}{'pairs/s':>10}{'peak MiB':>10}{'added MiB':>11}")
     for name, r in results.items():
         print(f"  {name:<18}{r['seconds']:>9.1f}{r['pairs_per_s']:>10.1f}{r['peak_mib']:>10.0f}{r['added_mib']:>11.0f}")

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.batches import plan_from_params  # noqa: E402
 from pipeline.common import ParamsLoader, PipelineError, load_params, param, run_stage  # noqa: E402
-from pipeline.encoding import load_model, use_bf16  # noqa: E402
+from pipeline.encoding import load_model  # noqa: E402
 from pipeline.evaluate import evaluate_task, prepare_task, read_source_tables  # noqa: E402
+from pipeline.machine import describe, machine_record, resolve_precision  # noqa: E402
 from pipeline.params_schema import validate  # noqa: E402
 from pipeline.train import batches_from_plan, train, train_config  # noqa: E402
 
@@ -123,12 +124,13 @@ def run_config(params: dict, base: str, tasks: dict, eval_batch_size: int, devic
     summary = train(model, batches, config)
     trained = time.perf_counter()
     prefixes = (param(params, "model.query_prefix"), param(params, "model.passage_prefix"))
-    bf16 = use_bf16(param(params, "evaluate.precision"), model.device.type, "evaluate.precision")
+    bf16 = resolve_precision(param(params, "evaluate.precision"), model.device.type, "evaluate.precision") == "bf16"
     row = {"final_loss": summary["final_loss"], "negatives_planned": plan_figures.get("negatives.planned", 0)}
     for name, task in tasks.items():
         figures = evaluate_task(model, task, prefixes, eval_batch_size, bf16).summary
         row |= {f"{name}.{figure}": figures[figure] for figure in FIGURES}
     row |= {"train_s": round(trained - started, 1), "eval_s": round(time.perf_counter() - trained, 1)}
+    row["machine"] = describe(summary["machine"])  # what train_s and eval_s were measured on
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -157,7 +159,8 @@ def main() -> None:
         tasks[name] = prepare_task(questions, candidates, list(langs) or None, name, str(folder))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     eval_batch_size = args.eval_batch_size or param(params, "evaluate.batch_size")
-    print(f"grid {args.grid}: {len(configs)} configs, {len(done & {c[0] for c in configs})} already in {args.out}, on {device}", flush=True)
+    print(f"grid {args.grid}: {len(configs)} configs, {len(done & {c[0] for c in configs})} already in {args.out}", flush=True)
+    print(f"machine: {describe(machine_record(device, 'as each config sets it'))}", flush=True)
     param_names = [*SEARCHED, *sorted({key for _, overrides, _ in configs for key in overrides} - set(SEARCHED))]
     for i, (name, _, config_params) in enumerate(todo, 1):
         began = time.perf_counter()

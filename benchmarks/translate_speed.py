@@ -10,6 +10,7 @@ the same random source sentences with every output forced to exactly
 
     python benchmarks/translate_speed.py                 # CPU: int8 vs fp32
     python benchmarks/translate_speed.py --device cuda   # GPU: int8_float16 vs fp16
+    python benchmarks/translate_speed.py --tiny          # the same path on a tiny architecture (seconds; tests)
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.machine import describe, machine_record  # noqa: E402
 
 NLLB_600M = dict(
     vocab_size=256206, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
@@ -26,9 +32,12 @@ NLLB_600M = dict(
     scale_embedding=True, activation_function="relu", pad_token_id=1, bos_token_id=0, eos_token_id=2,
     decoder_start_token_id=2,
 )  # fmt: skip
+# The same architecture shrunk (tests/test_benchmarks.py): every code path, in seconds.
+TINY = {**NLLB_600M, "vocab_size": 1206, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+        "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}  # fmt: skip
 
 
-def build(workdir: Path) -> tuple[Path, Path]:
+def build(workdir: Path, arch: dict) -> tuple[Path, Path]:
     """The random-weight model saved for transformers, and its CTranslate2 conversion (made once)."""
     import ctranslate2
     import torch
@@ -37,10 +46,10 @@ def build(workdir: Path) -> tuple[Path, Path]:
     hf_dir, ct2_dir = workdir / "hf", workdir / "ct2-int8"
     if not (hf_dir / "model.safetensors").exists():
         vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-        vocab.update({f"▁w{i}": i for i in range(4, NLLB_600M["vocab_size"] - 204)})  # + 202 language codes + <mask>
+        vocab.update({f"▁w{i}": i for i in range(4, arch["vocab_size"] - 204)})  # + 202 language codes + <mask>
         tokenizer = NllbTokenizer(vocab=vocab, merges=[])
         torch.manual_seed(0)
-        M2M100ForConditionalGeneration(M2M100Config(**NLLB_600M)).save_pretrained(hf_dir)
+        M2M100ForConditionalGeneration(M2M100Config(**arch)).save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
     if not (ct2_dir / "model.bin").exists():
         ctranslate2.converters.TransformersConverter(str(hf_dir), low_cpu_mem_usage=True).convert(
@@ -49,7 +58,7 @@ def build(workdir: Path) -> tuple[Path, Path]:
     return hf_dir, ct2_dir
 
 
-def source_ids(hf_dir: Path, sentences: int, length: int) -> tuple[list[list[int]], int]:
+def source_ids(hf_dir: Path, sentences: int, length: int, words: int) -> tuple[list[list[int]], int]:
     """Random sentences as NLLB sees them (eng_Latn, `length` pieces, </s>), and deu_Latn's id."""
     import random
 
@@ -58,7 +67,7 @@ def source_ids(hf_dir: Path, sentences: int, length: int) -> tuple[list[list[int
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     english, german = tokenizer.convert_tokens_to_ids(["eng_Latn", "deu_Latn"])
     rng = random.Random(0)
-    return [[english] + [rng.randrange(4, 256000) for _ in range(length)] + [2] for _ in range(sentences)], german
+    return [[english] + [rng.randrange(4, words) for _ in range(length)] + [2] for _ in range(sentences)], german
 
 
 def run_transformers(hf_dir: str, ids: list[list[int]], target: int, new_tokens: int, beam: int, device: str, queue) -> None:
@@ -138,16 +147,22 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--beam-size", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture (checks the code path)")
     args = parser.parse_args()
+    arch = TINY if args.tiny else NLLB_600M
     start = time.perf_counter()
-    hf_dir, ct2_dir = build(Path(args.workdir))
+    hf_dir, ct2_dir = build(Path(args.workdir + ("-tiny" if args.tiny else "")), arch)
     print(f"model built/converted in {time.perf_counter() - start:.0f} s ({hf_dir}, {ct2_dir})")
-    ids, target = source_ids(hf_dir, args.sentences, args.source_tokens)
+    ids, target = source_ids(hf_dir, args.sentences, args.source_tokens, arch["vocab_size"] - 206)
     common = (ids, target, args.new_tokens, args.beam_size, args.device)
     results = {
         "transformers " + ("fp16" if args.device == "cuda" else "fp32"): in_child(run_transformers, str(hf_dir), *common),
         "ctranslate2 " + ("int8_float16" if args.device == "cuda" else "int8"): in_child(run_ctranslate2, str(ct2_dir), *common),
     }
+    import ctranslate2
+
+    compute = "int8_float16" if args.device == "cuda" else "int8"
+    print(f"machine: {describe(machine_record(args.device, compute))}; ctranslate2 {ctranslate2.__version__}")
     print(
         f"{args.sentences} sentences x {args.source_tokens} source tokens -> {args.new_tokens} target tokens, "
         f"beam {args.beam_size}, {args.device}"

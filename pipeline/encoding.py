@@ -4,8 +4,7 @@ A model directory is checked before anything is loaded from it: a missing tokeni
 file makes `AutoTokenizer` fall back to a handful of tokens without any error, and a
 truncated weights file fails deep inside a library, so both get one line here.
 
-bf16 autocast doubles encoding and speeds training up by half on CPUs with native
-bf16 units (AVX-512 BF16, AMX) and on CUDA; `precision: auto` uses it exactly there.
+Which precision runs where is decided in pipeline/machine.py; `autocast` applies it.
 """
 
 from __future__ import annotations
@@ -19,22 +18,6 @@ import pandas as pd
 import torch
 
 from pipeline.common import PipelineError, first_line
-
-
-def native_bf16(device_type: str) -> bool:
-    """Whether this device computes bf16 natively (oneDNN on CPU: AVX-512 BF16 or AMX)."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def use_bf16(precision: str, device_type: str, name: str = "train.precision") -> bool:
-    """Resolve `auto | fp32 | bf16` for a device; bf16 where it is not native would be slower, not faster."""
-    if precision == "fp32":
-        return False
-    if precision == "bf16" and not native_bf16(device_type):
-        raise PipelineError(f"params.yaml: {name}: bf16, but this {device_type} has no native bf16 units (use auto or fp32)")
-    return native_bf16(device_type)
 
 
 def autocast(device_type: str, bf16: bool):

@@ -29,8 +29,9 @@ from pipeline.common import (
     write_parquet,
 )
 from pipeline.contracts import CANDIDATES_SCHEMA, QUERIES_SCHEMA, QUESTIONS_SCHEMA, RAW_DIR, queries_dir, raw_stamp, raw_tables
-from pipeline.encoding import encode_unique, load_model, use_bf16
+from pipeline.encoding import encode_unique, load_model
 from pipeline.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
+from pipeline.machine import describe, machine_record, resolve_precision
 from pipeline.mteb_tasks import leave_note, plan_mteb, run_mteb
 from pipeline.report import format_noise, format_summary, write_plots
 from pipeline.robustness import noise_params, noise_robustness
@@ -110,12 +111,19 @@ def main() -> None:
             tasks[name] = prepare_task(questions, candidates, langs, name, str(folder))
         mteb_plan = plan_mteb(params, args.model, args.mteb_results)
         model = load_model(args.model, param(params, "model.max_length"))
-        bf16 = use_bf16(param(params, "evaluate.precision"), model.device.type, "evaluate.precision")
-        report, results, noise_reports = {"precision": "bf16" if bf16 else "fp32"}, {}, {}
+        precision = resolve_precision(param(params, "evaluate.precision"), model.device.type, "evaluate.precision")
+        bf16 = precision == "bf16"
+        machine = machine_record(str(model.device), precision)
+        report, results, noise_reports = {"machine": machine, "timing": {}}, {}, {}
+        print(f"encoding on {describe(machine)}")
         queries_tmp.mkdir()
         for name, task in tasks.items():
             result = evaluate_task(model, task, prefixes, batch_size, bf16)
             report[name], results[name] = result.summary, result.scores
+            report["timing"][name] = {
+                "encode_seconds": round(result.timing["encode_seconds"], 1),
+                "texts_per_s": round(result.timing["unique_texts"] / result.timing["encode_seconds"], 1),
+            }
             write_parquet(queries_table(result.scores), queries_tmp / f"{name}.parquet", made_by={"dataset": name})
             print(format_summary(name, result.summary))
             print(

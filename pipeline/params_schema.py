@@ -34,13 +34,13 @@ from typing import Any
 from pipeline.common import PipelineError, load_params, run_stage, stage_parser
 from pipeline.contracts import NEGATIVE_MODES, SAMPLER_ORDERS, SAMPLER_SCHEDULES
 from pipeline.languages import NLLB_CODES
+from pipeline.machine import PRECISIONS
 from pipeline.noise import Noise
 from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES
 
 # steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
 # turns every row into its query and passage texts before the first step.
 MAX_PLAN_ROWS = 50_000_000
-PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where the device has native bf16 units
 SEED_MAX = 2**32 - 1  # seeds stay 32-bit (torch.manual_seed fails past 2**64 - 1; numpy refuses < 0)
 KINDS = {"int": "an integer", "number": "a number", "str": "a string", "bool": "true or false"}
 

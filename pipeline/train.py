@@ -58,7 +58,8 @@ from pipeline.contracts import (
     plan_stamp,
 )
 from pipeline.distributed import World, check_scale_out, init_world, launched_by_torchrun, relaunch_under_torchrun
-from pipeline.encoding import autocast, check_model_dir, load_model, use_bf16
+from pipeline.encoding import autocast, check_model_dir, load_model
+from pipeline.machine import describe, machine_record, resolve_precision
 from pipeline.noise import Noise, perturb
 
 CHECKPOINT_PATH = Path("models/checkpoints/train.pt")
@@ -503,7 +504,8 @@ def train(model, batches: list[PlannedBatch], config: TrainConfig, run: TrainRun
     start, history = (0, [])
     if run.checkpoint and run.resume:
         start, history = load_checkpoint(run.checkpoint, model, optimizer, scheduler, run.fingerprint, adversary)
-    bf16 = use_bf16(config.precision, model.device.type)
+    precision = resolve_precision(config.precision, model.device.type, "train.precision")
+    bf16 = precision == "bf16"
     log = run.log if world.lead else None
     for row in history if log else []:
         log(row["step"], {k: v for k, v in row.items() if k != "step"})
@@ -541,9 +543,8 @@ def train(model, batches: list[PlannedBatch], config: TrainConfig, run: TrainRun
         "resumed_from_step": start,
         "final_loss": round(loss_value, 6),
         "pairs_per_s": round(pairs_done / seconds, 3) if seconds else None,
-        "device": str(model.device),
-        "precision": "bf16" if bf16 else "fp32",
         "processes": world.size,
+        "machine": machine_record(str(model.device), precision),
     }
     if adversary is not None and history:
         summary["final_adversary_accuracy"] = round(history[-1]["adversary_accuracy"], 6)
@@ -635,7 +636,7 @@ def main() -> None:
     world.close()
     print(
         f"wrote {args.out}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-        f"{summary['pairs_per_s']} pairs/s on {summary['processes']} x {summary['device']} ({summary['precision']})"
+        f"{summary['pairs_per_s']} pairs/s in {summary['processes']} process(es) on {describe(summary['machine'])}"
     )
 
 

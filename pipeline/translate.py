@@ -59,6 +59,7 @@ from pipeline.contracts import (
     raw_tables,
 )  # fmt: skip
 from pipeline.languages import NLLB_CODES
+from pipeline.machine import machine_record
 from pipeline.sources import SQUAD_SOURCES
 
 CACHE_PATH = Path("data/cache/translations.sqlite")
@@ -320,6 +321,7 @@ def machine_translate(
         "empty_inputs": counts.empty_inputs,
         "empty_outputs": counts.empty_outputs,
         "sentences_per_s": round(counts.translated / counts.seconds, 1) if counts.seconds else None,
+        "machine": machine_record(device, compute_type),
     }
     return out_q, out_c, report
 

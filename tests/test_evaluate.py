@@ -385,7 +385,8 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     out = _cli(workdir, "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,de", "--out", "m.json", "--plots", "plots")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((workdir / "m.json").read_text(encoding="utf-8"))
-    assert list(report) == ["precision", "xquad_r"] and report["precision"] in ("bf16", "fp32")
+    assert list(report) == ["machine", "timing", "xquad_r"] and report["machine"]["precision"] in ("bf16", "fp32")
+    assert report["timing"]["xquad_r"]["texts_per_s"] > 0
     summary = report["xquad_r"]
     n_questions = len(pd.read_parquet(workdir / "data/raw/xquad_r/questions.parquet").query("lang == 'en'"))
     for key in ("mono_map", "cross_map", "multi_map", "mono_recall_at_1", "cross_recall_at_1", "multi_recall_at_10"):

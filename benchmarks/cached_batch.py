@@ -52,23 +52,24 @@ def worst_chunk(queries: list[str], passages: list[str], chunk_size: int, tokeni
 def run_one(batch_size: int, chunk_size: int | None, args, chunk_of: int | None = None) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.train import PlannedBatch, train
+    from pipeline.train import train
+    from pipeline.training.planned import PlannedBatch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    queries, passages, config = plan_pairs(args.params, chunk_of or batch_size)
-    config = replace(config, checkpoint_every=10**9, chunk_size=chunk_size, precision="fp32", warmup_ratio=0.0, adversarial_weight=0.0)
+    queries, passages, params = plan_pairs(args.params, chunk_of or batch_size)
+    config = replace(params.train, chunk_size=chunk_size, precision="fp32", warmup_ratio=0.0, adversarial_weight=0.0)
     model = SentenceTransformer(args.model, device=device)
-    model.max_seq_length = config.max_length
+    model.max_seq_length = params.model.max_length
     if chunk_of:  # a plain batch of `batch_size` pairs cut from the big batch
         queries, passages = worst_chunk(queries, passages, batch_size, model.tokenizer)
     warm = min(8, chunk_size or batch_size)
-    train(model, [PlannedBatch(queries[:warm], passages[:warm])], replace(config, chunk_size=None))
+    train(model, [PlannedBatch(queries[:warm], passages[:warm])], replace(config, chunk_size=None), params.seed)
     loaded = peak_bytes(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         loaded = torch.cuda.memory_allocated()
     started = time.perf_counter()
-    train(model, [PlannedBatch(queries, passages)], config)
+    train(model, [PlannedBatch(queries, passages)], config, params.seed)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

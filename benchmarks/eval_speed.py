@@ -43,11 +43,12 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from pipeline import evaluate, lareqa
-from pipeline.common import load_params, param
-from pipeline.encoding import encode_unique, load_model
-from pipeline.lareqa import RetrievalTask, score_task
+from pipeline import evaluate
 from pipeline.machine import describe, machine_record, resolve_precision
+from pipeline.params import execution, load_params
+from pipeline.scoring import lareqa
+from pipeline.scoring.encoding import encode_unique, load_model
+from pipeline.scoring.lareqa import RetrievalTask, score_task
 
 PRECISIONS = ("fp32", "bf16")
 MAP_TOLERANCE = 0.002  # bf16 - fp32, absolute, for Mo./Cr./Mul. mAP
@@ -163,7 +164,7 @@ def main() -> None:
         "--texts", choices=("pool", "all"), default="pool", help="what (b) encodes: the candidate pool, or every text of the evaluation"
     )
     parser.add_argument(
-        "--eval-batch-size", type=int, help="batch size of the evaluations of (c) (default: params.yaml's evaluate.batch_size)"
+        "--eval-batch-size", type=int, help="batch size of the evaluations of (c) (default: HYBRIDIR_EVAL_BATCH_SIZE, else 16)"
     )
     parser.add_argument("--factor", type=int, default=10, help="how much larger the scaled pool / query set is")
     parser.add_argument("--block", type=int, default=None, help="queries scored at a time (default: lareqa.SCORE_BUDGET // pool size)")
@@ -172,8 +173,8 @@ def main() -> None:
     if not args.precisions or not args.batch_sizes or args.rounds < 1:
         parser.error("--precisions, --batch-sizes and --rounds must not be empty or zero")
     params = load_params(args.params)
-    prefixes = (param(params, "model.query_prefix"), param(params, "model.passage_prefix"))
-    eval_batch_size = args.eval_batch_size or param(params, "evaluate.batch_size")
+    prefixes = (params.model.query_prefix, params.model.passage_prefix)
+    eval_batch_size = args.eval_batch_size or execution().eval_batch_size
     langs = args.langs.split(",") if args.langs else None
 
     questions, candidates, folder = evaluate.read_source_tables(args.dataset)
@@ -185,7 +186,7 @@ def main() -> None:
     pool_unique = list(pd.unique(pd.Series(pool_texts, dtype=object)))
     bench_texts = pool_unique if args.texts == "pool" else all_unique
 
-    model = load_model(args.model, param(params, "model.max_length"))
+    model = load_model(args.model, params.model.max_length)
     device = model.device.type
     bf16_of = {p: resolve_precision(p, device, "--precisions") == "bf16" for p in args.precisions}
     auto = resolve_precision("auto", device, "auto")

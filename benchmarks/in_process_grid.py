@@ -7,7 +7,7 @@ score the evaluation datasets (evaluate.evaluate_task); one CSV row (the config'
 params, the headline figures per dataset, seconds) is appended as soon as a config ends, so a
 killed grid resumes where it stopped and a time-limited one keeps what it finished. Nothing is
 written under data/, models/ or metrics/. Its figures are exploratory: finalists are rerun with
-`dvc exp run` and compared over seeds with `python -m pipeline.compare`.
+`dvc exp run` and compared over seeds with `python -m pipeline.analysis.compare`.
 
 Run from the repository root, with data/parallel/ and data/raw/<dataset>/ made by `dvc repro batches`:
     python benchmarks/in_process_grid.py GRID.yaml --out grid.csv [--base models/base] [--eval-batch-size 256]
@@ -26,21 +26,21 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.analysis.runs import flatten  # noqa: E402
 from pipeline.batches import plan_from_params  # noqa: E402
-from pipeline.common import ParamsLoader, PipelineError, load_params, param, run_stage  # noqa: E402
-from pipeline.encoding import load_model  # noqa: E402
+from pipeline.common import PipelineError, run_stage  # noqa: E402
 from pipeline.evaluate import evaluate_task, prepare_task, read_source_tables  # noqa: E402
 from pipeline.machine import describe, machine_record, resolve_precision  # noqa: E402
-from pipeline.params_schema import validate  # noqa: E402
-from pipeline.train import batches_from_plan, train, train_config  # noqa: E402
+from pipeline.params import Params, build, execution, read_params  # noqa: E402
+from pipeline.scoring.encoding import load_model  # noqa: E402
+from pipeline.train import batches_from_plan, train  # noqa: E402
 
 FIGURES = ("mono_map", "cross_map", "multi_map", "rank_distance", "language_preference")
 # Recorded on every row whether a config sets them or not, so CSVs of several grids line up
-# (`python -m pipeline.grid --csv A.csv B.csv`); any other param a config sets is added.
+# (`python -m pipeline.analysis.grid --csv A.csv B.csv`); any other param a config sets is added.
 SEARCHED = (
     "seed",
     "sampler.ratio",
@@ -55,8 +55,8 @@ SEARCHED = (
 )
 
 
-def with_overrides(params: dict, overrides: dict, origin: str) -> dict:
-    """A copy of `params` with each `dotted.name: value` of `overrides` set, checked against the schema."""
+def with_overrides(params: dict, overrides: dict, origin: str) -> tuple[dict, Params]:
+    """A copy of the params file's mapping with each `dotted.name: value` of `overrides` set, and it checked."""
     result = copy.deepcopy(params)
     for dotted, value in overrides.items():
         *groups, leaf = dotted.split(".")
@@ -68,15 +68,17 @@ def with_overrides(params: dict, overrides: dict, origin: str) -> dict:
         if leaf not in node:
             raise PipelineError(f"{origin}: '{dotted}' is not a parameter")
         node[leaf] = value
-    validate(result, origin=origin)
-    return result
+    return result, build(result, origin=origin)
 
 
-def read_grid(path: Path, params: dict) -> list[tuple[str, dict, dict]]:
-    """(name, overrides, full params) per config, every one checked before any work."""
+def read_grid(path: Path, params: dict) -> list[tuple[str, dict, dict, Params]]:
+    """(name, its overrides, every param by dotted name, its Params) per config, every one checked before any work."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     try:
-        entries = yaml.load(path.read_text(encoding="utf-8"), ParamsLoader)
-    except (OSError, yaml.YAMLError) as err:
+        entries = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except (OSError, YAMLError) as err:
         raise PipelineError(f"{path}: cannot read the grid ({str(err).splitlines()[0]})") from None
     if not isinstance(entries, list) or not entries:
         raise PipelineError(f"{path}: expected a non-empty list of {{name, set}} entries")
@@ -88,7 +90,8 @@ def read_grid(path: Path, params: dict) -> list[tuple[str, dict, dict]]:
             raise PipelineError(f"{path}: entry {i + 1}: name '{entry['name']}' used twice")
         names.add(entry["name"])
         overrides = entry.get("set", {})
-        configs.append((entry["name"], overrides, with_overrides(params, overrides, f"{path}: {entry['name']}")))
+        raw, checked = with_overrides(params, overrides, f"{path}: {entry['name']}")
+        configs.append((entry["name"], overrides, flatten(raw), checked))
     return configs
 
 
@@ -114,17 +117,16 @@ def append_row(out: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def run_config(params: dict, base: str, tasks: dict, eval_batch_size: int, device: str) -> dict:
+def run_config(params: Params, base: str, tasks: dict, eval_batch_size: int, device: str) -> dict:
     """Plan, train a fresh base model and score every task: the config's figures and seconds."""
     started = time.perf_counter()
     plan, plan_figures, _ = plan_from_params(params)
-    config = train_config(params)
-    batches, _ = batches_from_plan(plan, params, config)
-    model = load_model(base, config.max_length, device)
-    summary = train(model, batches, config)
+    batches, _ = batches_from_plan(plan, params)
+    model = load_model(base, params.model.max_length, device)
+    summary = train(model, batches, params.train, params.seed)
     trained = time.perf_counter()
-    prefixes = (param(params, "model.query_prefix"), param(params, "model.passage_prefix"))
-    bf16 = resolve_precision(param(params, "evaluate.precision"), model.device.type, "evaluate.precision") == "bf16"
+    prefixes = (params.model.query_prefix, params.model.passage_prefix)
+    bf16 = resolve_precision(params.evaluate.precision, model.device.type, "evaluate.precision") == "bf16"
     row = {"final_loss": summary["final_loss"], "negatives_planned": plan_figures.get("negatives.planned", 0)}
     for name, task in tasks.items():
         figures = evaluate_task(model, task, prefixes, eval_batch_size, bf16).summary
@@ -143,13 +145,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="CSV, appended to one row per config")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--base", default="models/base")
-    parser.add_argument("--eval-batch-size", type=int, help="default: evaluate.batch_size")
+    parser.add_argument("--eval-batch-size", type=int, help="default: HYBRIDIR_EVAL_BATCH_SIZE, else 16")
     args = parser.parse_args()
-    params = load_params(args.params)
-    configs = read_grid(args.grid, params)
+    configs = read_grid(args.grid, read_params(args.params))
     done = finished(args.out)
-    todo = [(name, overrides, p) for name, overrides, p in configs if name not in done]
-    evaluated = {(tuple(param(p, "evaluate.datasets")), tuple(param(p, "evaluate.langs") or ())) for _, _, p in configs}
+    todo = [config for config in configs if config[0] not in done]
+    evaluated = {(p.evaluate.datasets, p.evaluate.langs or ()) for *_, p in configs}
     if len(evaluated) != 1:
         raise PipelineError(f"{args.grid}: every config must set the same evaluate.datasets and evaluate.langs")
     datasets, langs = evaluated.pop()
@@ -158,13 +159,13 @@ def main() -> None:
         questions, candidates, folder = read_source_tables(name)
         tasks[name] = prepare_task(questions, candidates, list(langs) or None, name, str(folder))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    eval_batch_size = args.eval_batch_size or param(params, "evaluate.batch_size")
+    eval_batch_size = args.eval_batch_size or execution().eval_batch_size
     print(f"grid {args.grid}: {len(configs)} configs, {len(done & {c[0] for c in configs})} already in {args.out}", flush=True)
     print(f"machine: {describe(machine_record(device, 'as each config sets it'))}", flush=True)
-    param_names = [*SEARCHED, *sorted({key for _, overrides, _ in configs for key in overrides} - set(SEARCHED))]
-    for i, (name, _, config_params) in enumerate(todo, 1):
+    param_names = [*SEARCHED, *sorted({key for _, overrides, _, _ in configs for key in overrides} - set(SEARCHED))]
+    for i, (name, _, flat, config_params) in enumerate(todo, 1):
         began = time.perf_counter()
-        row = {"name": name} | {key: param(config_params, key) for key in param_names}
+        row = {"name": name} | {key: flat[key] for key in param_names}
         row |= run_config(config_params, args.base, tasks, eval_batch_size, device)
         append_row(args.out, row)
         shown = "  ".join(f"{k.split('.', 1)[1]} {v:.4f}" for k, v in row.items() if k.endswith(FIGURES[:3]))

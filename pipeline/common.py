@@ -1,4 +1,4 @@
-"""Helpers every stage shares: user-facing errors, params, and atomic outputs.
+"""Helpers every stage shares: user-facing errors, the stage command line, and atomic outputs.
 
 Stages never leave a half-written output behind: each output is written to a
 temporary sibling path, and a stage's outputs are renamed into place together only
@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -22,7 +21,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 SCHEMA_VERSION = "1"
 
@@ -65,52 +63,6 @@ def stage_parser(doc: str, **paths: str) -> argparse.ArgumentParser:
     for name, default in paths.items():
         parser.add_argument(f"--{name.replace('_', '-')}", default=default)
     return parser
-
-
-class ParamsLoader(yaml.SafeLoader):
-    """YAML 1.2's numbers: PyYAML follows YAML 1.1, where `3e-05` is a string, yet that is how
-    `dvc exp run -S train.lr=3e-5` writes a float into params.yaml (DVC reads it as one)."""
-
-
-ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^[-+]?(?:\d[\d_]*\.[\d_]*(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+|\.\d[\d_]*(?:[eE][-+]?\d+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """params.yaml, checked whole against the schema (pipeline/params_schema.py) before any work:
-    a misspelt key, a wrong type or a value out of range is one line naming it."""
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            params = yaml.load(f, ParamsLoader)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise PipelineError(f"{path}: not valid YAML{where} ({problem})") from None
-    if not isinstance(params, dict):
-        raise PipelineError(f"{path}: expected a mapping of parameter groups")
-    from pipeline import params_schema  # it imports this module
-
-    params_schema.validate(params, origin=str(path))
-    return params
-
-
-def param(params: dict, dotted: str) -> Any:
-    """Look up `a.b.c` in params, with an error naming the missing key."""
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise PipelineError(f"params.yaml: missing parameter '{dotted}'")
-        node = node[part]
-    return node
 
 
 def _temp_beside(final: Path, made: list[Path]) -> Path:

@@ -23,10 +23,12 @@ Tables:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
+PARAMS_CHECKED_PATH = Path("data/checked/params.ok")  # the `params` stage's output, upstream of every stage
 RAW_DIR = Path("data/raw")
 PARALLEL_DIR = Path("data/parallel")
 PAIRS_PATH = PARALLEL_DIR / "pairs.parquet"
@@ -75,7 +77,7 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 
-# Per-query evaluation results: the unit that paired statistics resample (pipeline/compare.py).
+# Per-query evaluation results: the unit that paired statistics resample (pipeline/analysis/compare.py).
 QUERIES_SCHEMA = pa.schema(
     [
         pa.field("setting", pa.string(), nullable=False),  # mono | cross | multi
@@ -100,6 +102,7 @@ SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
 SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
 # none | another sentence of the answer's paragraph in the passage's language | in the query's language
 NEGATIVE_MODES = ("none", "paragraph", "query_language")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where the device has native bf16 units (pipeline/machine.py)
 
 
 def raw_tables(source: str, raw_dir: Path = RAW_DIR) -> tuple[Path, Path]:
@@ -126,3 +129,33 @@ def queries_dir(metrics_file: str | Path) -> Path:
     """Where per-query results go beside a metrics file: metrics/eval.json -> metrics/eval_queries/<dataset>.parquet."""
     metrics_file = Path(metrics_file)
     return metrics_file.with_name(f"{metrics_file.stem}_queries")
+
+
+# Query perturbations, by name: params.yaml names them (evaluate.noise, train.query_noise) and the
+# metrics are keyed by them (`xquad_r.noise.typo_0.05.multi_drop`). The grammar is here, apart from
+# the perturbations themselves (pipeline/scoring/noise.py), so checking params needs no scoring code.
+NOISE_KINDS = ("typo", "no_diacritics", "lowercase")
+
+
+@dataclass(frozen=True)
+class Noise:
+    """One perturbation as named in params.yaml: `typo_<rate>`, `no_diacritics` or `lowercase`."""
+
+    name: str
+    kind: str
+    rate: float | None = None  # typo: probability that a letter gets an edit
+
+    @classmethod
+    def parse(cls, name: str) -> Noise:
+        if name in ("no_diacritics", "lowercase"):
+            return cls(name, name)
+        kind, _, rate = str(name).partition("_")
+        if kind == "typo":
+            try:
+                value = float(rate)
+            except ValueError:
+                value = -1.0
+            if 0 < value <= 1:
+                return cls(name, kind, value)
+            raise ValueError(f"'{name}': a typo rate must be a number in (0, 1], e.g. typo_0.05")
+        raise ValueError(f"unknown noise '{name}' (known: typo_<rate>, no_diacritics, lowercase)")

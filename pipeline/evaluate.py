@@ -1,10 +1,10 @@
 """The `evaluate` stage: LAReQA retrieval of a model in monolingual, cross-lingual and multilingual settings.
 
 Reads each dataset's fetched tables, checks every param and input before the model
-loads, encodes every distinct text once (pipeline/encoding.py), scores all settings
-(pipeline/lareqa.py), adds the noisy-query report (pipeline/robustness.py) and MTEB
-tasks (pipeline/mteb_tasks.py), and writes the metrics JSON, the per-query results
-(one Parquet file per dataset, for pipeline/compare.py) and the plots together.
+loads, encodes every distinct text once (pipeline/scoring/encoding.py), scores all settings
+(pipeline/scoring/lareqa.py), adds the noisy-query report (pipeline/scoring/robustness.py) and MTEB
+tasks (pipeline/scoring/mteb_tasks.py), and writes the metrics JSON, the per-query results
+(one Parquet file per dataset, for pipeline/analysis/compare.py) and the plots together.
 """
 
 from __future__ import annotations
@@ -20,22 +20,21 @@ import pyarrow as pa
 from pipeline.common import (
     PipelineError,
     atomic_outputs,
-    load_params,
-    param,
     read_parquet,
     run_stage,
     stage_parser,
     write_json,
     write_parquet,
 )
-from pipeline.contracts import CANDIDATES_SCHEMA, QUERIES_SCHEMA, QUESTIONS_SCHEMA, RAW_DIR, queries_dir, raw_stamp, raw_tables
-from pipeline.encoding import encode_unique, load_model
-from pipeline.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
+from pipeline.contracts import CANDIDATES_SCHEMA, QUERIES_SCHEMA, QUESTIONS_SCHEMA, RAW_DIR, Noise, queries_dir, raw_stamp, raw_tables
 from pipeline.machine import describe, machine_record, resolve_precision
-from pipeline.mteb_tasks import leave_note, plan_mteb, run_mteb
-from pipeline.report import format_noise, format_summary, write_plots
-from pipeline.robustness import noise_params, noise_robustness
-from pipeline.sources import LAREQA_SOURCES
+from pipeline.params import execution, load_params
+from pipeline.scoring.encoding import encode_unique, load_model
+from pipeline.scoring.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
+from pipeline.scoring.mteb_tasks import leave_note, plan_mteb, run_mteb
+from pipeline.scoring.report import format_noise, format_summary, write_plots
+from pipeline.scoring.robustness import noise_robustness
+from pipeline.sources.catalogue import LAREQA_SOURCES
 
 
 def read_source_tables(name: str, raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
@@ -93,15 +92,15 @@ def main() -> None:
     parser = stage_parser(__doc__, model="models/retriever", out="metrics/eval.json", plots=None, mteb_results="metrics/eval_mteb")
     parser.add_argument("--dataset", help="comma-separated datasets (default: evaluate.datasets)")
     parser.add_argument("--langs", help="comma-separated language codes (default: evaluate.langs or all)")
+    parser.add_argument("--batch-size", type=int, help="texts per encoding batch (default: HYBRIDIR_EVAL_BATCH_SIZE, else 16)")
     args = parser.parse_args()
     params = load_params(args.params)
-    datasets = args.dataset.split(",") if args.dataset else param(params, "evaluate.datasets")
-    langs = args.langs.split(",") if args.langs else param(params, "evaluate.langs")
-    prefixes = (param(params, "model.query_prefix"), param(params, "model.passage_prefix"))
-    batch_size = param(params, "evaluate.batch_size")
-    if not datasets:
-        raise PipelineError("params.yaml: evaluate.datasets: empty; name at least one dataset")
-    noises, noise_per_lang, noise_seed = noise_params(params)
+    evaluate = params.evaluate
+    datasets = args.dataset.split(",") if args.dataset else list(evaluate.datasets)
+    langs = args.langs.split(",") if args.langs else evaluate.langs
+    prefixes = (params.model.query_prefix, params.model.passage_prefix)
+    batch_size = args.batch_size or execution().eval_batch_size
+    noises = [Noise.parse(name) for name in evaluate.noise or []]
     outputs = [args.out, queries_dir(args.out)] + ([args.plots] if args.plots else [])
     with atomic_outputs(*outputs) as (out_tmp, queries_tmp, *plots_tmp):
         # every input is checked before the model loads
@@ -109,9 +108,9 @@ def main() -> None:
         for name in datasets:
             questions, candidates, folder = read_source_tables(name)
             tasks[name] = prepare_task(questions, candidates, langs, name, str(folder))
-        mteb_plan = plan_mteb(params, args.model, args.mteb_results)
-        model = load_model(args.model, param(params, "model.max_length"))
-        precision = resolve_precision(param(params, "evaluate.precision"), model.device.type, "evaluate.precision")
+        mteb_plan = plan_mteb(evaluate, params.model, args.model, args.mteb_results, batch_size)
+        model = load_model(args.model, params.model.max_length)
+        precision = resolve_precision(evaluate.precision, model.device.type, "evaluate.precision")
         bf16 = precision == "bf16"
         machine = machine_record(str(model.device), precision)
         report, results, noise_reports = {"machine": machine, "timing": {}}, {}, {}
@@ -132,10 +131,19 @@ def main() -> None:
             )
             if noises:
                 noise_reports[name] = noise_robustness(
-                    model, task, result.queries, result.pool, noises, prefixes[0], batch_size, noise_per_lang, noise_seed, bf16
+                    model,
+                    task,
+                    result.queries,
+                    result.pool,
+                    noises,
+                    prefixes[0],
+                    batch_size,
+                    evaluate.noise_queries,
+                    evaluate.noise_seed,
+                    bf16,
                 )
                 report[name]["noise"] = noise_reports[name]
-                print(format_noise(name, noise_reports[name], noise_per_lang))
+                print(format_noise(name, noise_reports[name], evaluate.noise_queries))
         if mteb_plan:
             report.update(run_mteb(model, mteb_plan))
         if plots_tmp:

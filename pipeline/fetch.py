@@ -30,14 +30,13 @@ from pipeline.common import (
     atomic_outputs,
     atomic_path,
     first_line,
-    load_params,
-    param,
     run_stage,
     stage_parser,
     write_parquet,
 )
 from pipeline.contracts import CANDIDATES_SCHEMA, QUESTIONS_SCHEMA, raw_stamp, raw_tables
-from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES, LareqaSource
+from pipeline.params import DataParams, load_params
+from pipeline.sources.catalogue import LAREQA_SOURCES, SQUAD_SOURCES, LareqaSource
 
 DOWNLOADS_DIR = Path("data/downloads")
 
@@ -297,9 +296,9 @@ def fetch_squad(spec: str, split: str) -> Tables:
     return parse_squad(squad_rows_to_doc(rows), f"dataset '{spec}' split '{split}' (row i = data[0].paragraphs[i])")
 
 
-def sources_to_fetch(params: dict) -> list[str]:
+def sources_to_fetch(data: DataParams) -> list[str]:
     """{data.train} ∪ data.eval, in that order (names checked by the params schema)."""
-    return list(dict.fromkeys([param(params, "data.train"), *param(params, "data.eval")]))
+    return list(dict.fromkeys([data.train, *data.eval]))
 
 
 def count_table(tables: dict[str, Tables]) -> str:
@@ -318,13 +317,13 @@ def main() -> None:
     params = load_params(args.params)
     mirror = os.environ.get("HYBRIDIR_MIRROR")
     tables, made_by = {}, {}
-    names = sources_to_fetch(params)
+    names = sources_to_fetch(params.data)
     outputs = [path for name in names for path in raw_tables(name)]
     with atomic_outputs(*outputs) as targets:
         for name in names:
             made_by[name] = raw_stamp(name)
             if name in SQUAD_SOURCES:
-                spec, split = str(param(params, "data.squad")), str(param(params, "data.squad_split"))
+                spec, split = params.data.squad, params.data.squad_split
                 made_by[name].update(squad=spec, squad_split=split)
                 tables[name] = fetch_squad(spec, split)
             else:

@@ -16,8 +16,6 @@ import platform
 import sys
 from pathlib import Path
 
-PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where the device has native bf16 units
-
 
 def cpu_bf16_units() -> dict[str, bool]:
     """The CPU's native bf16 units, as PyTorch's dispatcher sees them."""

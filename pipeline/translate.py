@@ -39,8 +39,6 @@ from pipeline.common import (
     atomic_outputs,
     atomic_path,
     first_line,
-    load_params,
-    param,
     read_parquet,
     run_stage,
     stage_parser,
@@ -58,9 +56,10 @@ from pipeline.contracts import (
     raw_stamp,
     raw_tables,
 )  # fmt: skip
-from pipeline.languages import NLLB_CODES
 from pipeline.machine import machine_record
-from pipeline.sources import SQUAD_SOURCES
+from pipeline.params import TranslateParams, as_dict, load_params
+from pipeline.sources.catalogue import SQUAD_SOURCES
+from pipeline.sources.languages import NLLB_CODES
 
 CACHE_PATH = Path("data/cache/translations.sqlite")
 CONVERTED_DIR = Path("models/nllb-ct2")
@@ -269,34 +268,23 @@ def quality_report(mt_pairs: pd.DataFrame, human_pairs: pd.DataFrame) -> dict[st
 
 
 def machine_translate(
-    params: dict, source: str, questions: pd.DataFrame, candidates: pd.DataFrame
+    params: TranslateParams, source: str, questions: pd.DataFrame, candidates: pd.DataFrame
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Translate the source language's questions and candidates into translate.langs; returns them with a report."""
-    source_lang = param(params, "translate.source_lang")
-    nllb_code(source_lang, "translate.source_lang")
-    targets = [lang for lang in param(params, "translate.langs") if lang != source_lang]
-    for lang in targets:
-        nllb_code(lang)
+    source_lang = params.source_lang
+    targets = [lang for lang in params.langs if lang != source_lang]
     src_q = questions[questions["lang"] == source_lang].reset_index(drop=True)
     src_c = candidates[candidates["lang"] == source_lang].reset_index(drop=True)
     if src_q.empty:
         raise PipelineError(f"{raw_tables(source)[0]}: no '{source_lang}' questions to translate (translate.source_lang)")
-    options = DecodeOptions(
-        beam_size=int(param(params, "translate.beam_size")),
-        max_decoding_length=int(param(params, "translate.max_decoding_length")),
-        max_input_tokens=int(param(params, "translate.max_input_tokens")),
-        max_batch_tokens=int(param(params, "translate.max_batch_tokens")),
-    )
-    for name, value in vars(options).items():
-        if value < 1 or (name == "max_input_tokens" and value < 3):
-            raise PipelineError(f"params.yaml: translate.{name}: {value} is too small")
+    options = DecodeOptions(params.beam_size, params.max_decoding_length, params.max_input_tokens, params.max_batch_tokens)
     import ctranslate2
 
     device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    compute_type = param(params, "translate.compute_type")
+    compute_type = params.compute_type
     if compute_type == "auto":
         compute_type = "int8_float16" if device == "cuda" else "int8"
-    model = str(param(params, "translate.model"))
+    model = params.model
     model_dir = converted_model(model, compute_type)
     engine = NllbTranslator(model_dir, device, compute_type, options)
     model_key = f"{model}|{compute_type}|beam={options.beam_size}|max_len={options.max_decoding_length}|max_in={options.max_input_tokens}"
@@ -329,10 +317,8 @@ def machine_translate(
 def main() -> None:
     args = stage_parser(__doc__, out=str(PAIRS_PATH), metrics="metrics/translate.json").parse_args()
     params = load_params(args.params)
-    source = param(params, "data.train")
-    model = param(params, "translate.model")
-    if source in SQUAD_SOURCES and model is None:
-        raise PipelineError(f"params.yaml: translate.model: data.train={source} is English only; set an NLLB model to translate it")
+    source = params.data.train
+    model = params.translate.model
     out_dir = Path(args.out).parent
     outputs = (out_dir / PARALLEL_QUESTIONS_PATH.name, out_dir / PARALLEL_CANDIDATES_PATH.name, args.out, args.metrics)
     with atomic_outputs(*outputs) as (questions_out, candidates_out, pairs_out, metrics_out):
@@ -343,11 +329,11 @@ def main() -> None:
             report = {"model": "none (human translations passed through)"}
             made_by = {**pairs_stamp(source), "translate.model": None}
         else:
-            q_frame, c_frame, report = machine_translate(params, source, questions.to_pandas(), candidates.to_pandas())
+            q_frame, c_frame, report = machine_translate(params.translate, source, questions.to_pandas(), candidates.to_pandas())
             human = pairs_from_source(questions, candidates)  # references, where the source has them
             questions = pa.Table.from_pandas(q_frame, QUESTIONS_SCHEMA, preserve_index=False).replace_schema_metadata(None)
             candidates = pa.Table.from_pandas(c_frame, CANDIDATES_SCHEMA, preserve_index=False).replace_schema_metadata(None)
-            made_by = {**pairs_stamp(source), "translate": param(params, "translate")}
+            made_by = {**pairs_stamp(source), "translate": as_dict(params.translate)}
         pairs = pairs_from_source(questions, candidates)
         if model is not None and source not in SQUAD_SOURCES:
             machine = pairs.to_pandas().query("lang != @report['source_lang']")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import batches, train
+from pipeline import batches
 from pipeline.common import write_parquet
 from pipeline.contracts import (
     CANDIDATES_SCHEMA,
@@ -32,6 +32,7 @@ from pipeline.contracts import (
     raw_stamp,
     raw_tables,
 )
+from pipeline.params import TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,17 +158,21 @@ def build_tiny_model(out: Path, texts: list[str] | None = None, vocab_size: int 
     return out
 
 
-CONFIG = train.TrainConfig(
+CONFIG = TrainParams(
     lr=1e-3,
     temperature=0.05,
     warmup_ratio=0.1,
     weight_decay=0.01,
-    max_length=64,
-    query_prefix="query: ",
-    passage_prefix="passage: ",
-    checkpoint_every=2,
-    seed=7,
+    freeze_embeddings=True,
+    chunk_size=None,
+    precision="fp32",
+    adversarial_weight=0.0,
+    adversary_lr=1e-3,
+    query_noise=(),
+    query_noise_rate=0.5,
 )
+SEED = 7
+MAX_LENGTH = 64
 
 
 def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
@@ -220,11 +225,11 @@ def make_plan(
 
 
 def load(model_dir: Path):
-    """A saved model on the CPU, truncating at CONFIG.max_length."""
+    """A saved model on the CPU, truncating at MAX_LENGTH."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(model_dir), device="cpu")
-    model.max_seq_length = CONFIG.max_length
+    model.max_seq_length = MAX_LENGTH
     return model
 
 
@@ -232,7 +237,7 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
     """A project folder ready for `train`: params, the parallel tables, a plan of `steps` batches of 4
     (with `sampler`'s schedule, ratio and negatives), the tiny base model."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"checkpoint_every": 2, "precision": "fp32", **train_params})
+    params["train"].update({"precision": "fp32", **train_params})
     params["sampler"].update({"batch_size": 4, "steps": steps, **(sampler or {})})  # the plan written below
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs()
@@ -247,8 +252,15 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
     return tmp_path
 
 
-def run_train_stage(cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", "--resume"], cwd=cwd, capture_output=True, text=True, timeout=300)
+def stage_env(**settings: str) -> dict[str, str]:
+    """The environment of a stage run by a test: a checkpoint every 2 steps (the tiny runs take 3 to 12),
+    and any other execution setting given (`HYBRIDIR_PROCESSES="2"`)."""
+    return {**os.environ, "HYBRIDIR_CHECKPOINT_EVERY": "2", **settings}
+
+
+def run_train_stage(cwd: Path, **settings: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pipeline.train", "--resume"]
+    return subprocess.run(command, cwd=cwd, env=stage_env(**settings), capture_output=True, text=True, timeout=300)
 
 
 def no_questions(doc: dict) -> None:

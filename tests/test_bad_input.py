@@ -28,8 +28,10 @@ import yaml
 from pipeline import base_model, batches, evaluate, fetch, train, translate
 from pipeline.common import run_stage, write_parquet
 from pipeline.contracts import BASE_MODEL_DIR, PAIRS_PATH, PLAN_PATH, raw_tables
-from pipeline.sources import LAREQA_SOURCES, XQUAD_R
+from pipeline.sources.catalogue import LAREQA_SOURCES, XQUAD_R
 from tests.helpers import REPO, mirror_file, no_questions
+
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, dvc or a grid: `pytest -m 'not slow'` skips it
 
 STAGES = {"fetch": fetch, "base_model": base_model, "translate": translate, "batches": batches, "train": train, "evaluate": evaluate}
 LANGS = ("de", "en")
@@ -40,6 +42,11 @@ class Project:
     root: Path
     docs: dict[str, dict]  # the mirror's LAReQA documents, by language
     pins: dict[str, str]  # the sha256 pins the patched XQUAD_R source reads
+    monkeypatch: pytest.MonkeyPatch  # undoes `setenv` after the case
+
+    def setenv(self, name: str, value: str) -> None:
+        """Set an execution setting (a HYBRIDIR_* variable) for this case only."""
+        self.monkeypatch.setenv(name, value)
 
     @property
     def mirror(self) -> Path:
@@ -121,7 +128,7 @@ def project(valid_project, tmp_path, monkeypatch) -> Project:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pins = {lang: hashlib.sha256((root / "mirror" / XQUAD_R.mirror_dir / f"{lang}.json").read_bytes()).hexdigest() for lang in LANGS}
     monkeypatch.setitem(LAREQA_SOURCES, "xquad_r", dataclasses.replace(XQUAD_R, sha256=pins))
-    return Project(root, docs, pins)
+    return Project(root, docs, pins, monkeypatch)
 
 
 def _squad(change: Callable[[dict], None]) -> Callable[[Project], None]:
@@ -216,8 +223,10 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("steps beyond any plan", "batches", lambda p: p.params(**{"sampler.steps": 10**12}), r"params.yaml: sampler.steps: 1000000000000 steps x 4 pairs .* more than the 50,000,000 a plan may hold.*"),
     ("no languages", "evaluate", lambda p: p.params(**{"evaluate.langs": []}), r"params.yaml: evaluate.langs: .*empty.*"),
     ("languages as a string", "evaluate", lambda p: p.params(**{"evaluate.langs": "en"}), r"params.yaml: evaluate.langs: expected a list of language codes or null, got the string 'en'"),
-    ("encoding batch 0", "evaluate", lambda p: p.params(**{"evaluate.batch_size": 0}), r"params.yaml: evaluate.batch_size: 0 must be >= 1"),
-    ("encoding batch as text", "evaluate", lambda p: p.params(**{"evaluate.batch_size": "16"}), r"params.yaml: evaluate.batch_size: expected an integer, got the string '16'"),
+    ("encoding batch 0", "evaluate", lambda p: p.setenv("HYBRIDIR_EVAL_BATCH_SIZE", "0"), r"environment: HYBRIDIR_EVAL_BATCH_SIZE: 0 must be >= 1"),
+    ("encoding batch as text", "evaluate", lambda p: p.setenv("HYBRIDIR_EVAL_BATCH_SIZE", "sixteen"), r"environment: HYBRIDIR_EVAL_BATCH_SIZE: expected an integer, got the string 'sixteen'"),
+    ("execution setting left in params.yaml", "train", lambda p: _add_param(p, "train", "processes", 2), r"params.yaml: train.processes: an execution setting now, not a parameter: set HYBRIDIR_PROCESSES \(remove it from params.yaml\)"),
+    ("a key given twice", "batches", lambda p: _duplicate(p, "  ratio: "), r"params.yaml: line \d+: found duplicate key \"ratio\" \(given twice in one group: DVC refuses the file, and which value would count is a guess\)"),
     ("unknown precision", "evaluate", lambda p: p.params(**{"evaluate.precision": "fp16"}), r"params.yaml: evaluate.precision: 'fp16' is not one of auto, fp32, bf16.*"),
     ("hub id offline", "base_model", lambda p: p.params(**{"model.base": "no-such-org/no-such-model"}), r"params.yaml: model.base: .*no-such-org/no-such-model.*"),
     # training strategies (issue 17)
@@ -239,6 +248,14 @@ def _add_param(p: Project, group: str, name: str, value) -> None:
     params = yaml.safe_load((p.root / "params.yaml").read_text())
     params.setdefault(group, {})[name] = value
     (p.root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _duplicate(p: Project, key_prefix: str) -> None:
+    """Give the first line starting with `key_prefix` twice (the second value 0.25), as a hand edit might."""
+    lines = (p.root / "params.yaml").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(key_prefix))
+    lines.insert(at + 1, key_prefix + "0.25")
+    (p.root / "params.yaml").write_text("\n".join(lines) + "\n")
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

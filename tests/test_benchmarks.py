@@ -89,7 +89,9 @@ def test_in_process_grid(project):
 
 
 def test_translate_speed_tiny(tmp_path):
-    out = run_benchmark(tmp_path, "translate_speed.py", "--tiny", "--workdir", str(tmp_path / "nllb"), "--sentences", "4", "--new-tokens", "4")
+    out = run_benchmark(
+        tmp_path, "translate_speed.py", "--tiny", "--workdir", str(tmp_path / "nllb"), "--sentences", "4", "--new-tokens", "4"
+    )
     assert "ctranslate2 int8" in out and "transformers fp32" in out and "x tokens/s" in out
 
 

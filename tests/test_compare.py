@@ -13,9 +13,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline import compare as cmp
+from pipeline.analysis import compare as cmp
+from pipeline.analysis.compare import Entry, compare, group_entries, headline, holm, plot_forest
+from pipeline.analysis.runs import COMPARED_SCHEMA, figure_label, read_queries
 from pipeline.common import PipelineError, run_stage, write_parquet
-from pipeline.compare import COMPARED_SCHEMA, Entry, compare, group_entries, headline, holm, plot_forest, read_queries
 
 AP_FIGURES = ("mono_map", "cross_map", "multi_map")
 
@@ -98,6 +99,7 @@ def test_a_run_against_itself_differs_by_nothing():
     assert not result["significant"].any() and notes == []
 
 
+@pytest.mark.slow
 def test_interval_covers_a_known_shift_and_the_test_keeps_its_size():
     """200 seeded pairs with a true mAP shift, 200 with none: the BCa 95% interval must cover the
     truth in >= 90% of trials, and the randomization test reject at 0.05 in <= 10% without a shift."""
@@ -182,7 +184,7 @@ def test_forest_plot_draws_each_interval(tmp_path):
     result, _ = compare(entries(a, b, a), resamples=200)
     fig = plot_forest(result, tmp_path / "f.png", "title")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [ax.get_title() for ax in fig.axes] == [cmp.LABELS[f] for f in cmp.FIGURES]
+    assert [ax.get_title() for ax in fig.axes] == [figure_label(f) for f in cmp.FIGURES]
     mono = result[result["figure"] == "mono_map"]
     points = np.asarray(fig.axes[0].collections[-1].get_offsets())  # the differences, top row first
     assert points[:, 0] == pytest.approx(mono["difference"].to_numpy())
@@ -233,6 +235,7 @@ def dvc_repo(tmp_path_factory):
     return repo, a
 
 
+@pytest.mark.slow
 def test_reads_each_revision_from_the_dvc_cache(dvc_repo):
     repo, a = dvc_repo
     for rev, shift in (("HEAD~2", 0.0), ("HEAD~1", 0.02), ("workspace", 0.1)):

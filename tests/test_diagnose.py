@@ -1,4 +1,4 @@
-"""pipeline.diagnose: what took the answer's place in the queries fine-tuning lost."""
+"""pipeline.analysis.diagnose: what took the answer's place in the queries fine-tuning lost."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline import diagnose
+from pipeline.analysis import diagnose
 from pipeline.common import run_stage, write_parquet
 from pipeline.contracts import QUERIES_SCHEMA
 

@@ -14,12 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import compare, evaluate, fetch, lareqa, mteb_tasks
+from pipeline import evaluate, fetch
+from pipeline.analysis import compare
 from pipeline.common import PipelineError, read_parquet, run_stage
 from pipeline.contracts import QUERIES_SCHEMA, QUESTIONS_SCHEMA
-from pipeline.encoding import encode_unique
-from pipeline.lareqa import RetrievalTask, build_task, headline_figures, score_task, select_langs
-from pipeline.metrics import ranks_of
+from pipeline.scoring import lareqa, mteb_tasks
+from pipeline.scoring.encoding import encode_unique
+from pipeline.scoring.lareqa import RetrievalTask, build_task, headline_figures, score_task, select_langs
+from pipeline.scoring.metrics import ranks_of
 from tests.helpers import mirror_file, write_raw
 
 # --- score_task / summarize on hand-made scores --------------------------------------
@@ -381,6 +383,7 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.evaluate", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(workdir, tiny_model_dir):
     out = _cli(workdir, "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,de", "--out", "m.json", "--plots", "plots")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -452,11 +455,13 @@ def _assert_error(code: int, stderr: str, match: str, out: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_unknown_dataset(workdir):
     out = _cli(workdir, "--model", "nowhere", "--dataset", "xquad_r,nope", "--out", "bad.json")
     _assert_error(out.returncode, out.stderr, "unknown evaluation dataset 'nope'", workdir / "bad.json")
 
 
+@pytest.mark.slow
 def test_cli_model_that_does_not_load(workdir, tmp_path):
     (tmp_path / "empty").mkdir()
     out = _cli(workdir, "--model", str(tmp_path / "empty"), "--dataset", "xquad_r", "--out", "bad.json")
@@ -526,6 +531,7 @@ def test_per_query_rows_give_the_headline_figures_exactly():
     assert len(scores.queries) == 5 + 4 + 5  # 5 queries mono, 4 with a cross answer (g2 has no de), 5 multi
 
 
+@pytest.mark.slow
 def test_cli_checks_where_it_writes_before_any_work(workdir, tiny_model_dir):
     """An output under a file fails in seconds with one line, before the model loads; nothing is written."""
     out = _cli(workdir, "--model", str(tiny_model_dir), "--out", "params.yaml/eval.json", "--plots", "late_plots")
@@ -538,6 +544,7 @@ def test_cli_checks_where_it_writes_before_any_work(workdir, tiny_model_dir):
     assert "Loading weights" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_names_a_missing_model_directory(workdir):
     out = _cli(workdir, "--model", "/nonexistent", "--out", "gone.json")
     _assert_error(out.returncode, out.stderr, "/nonexistent: no such directory", workdir / "gone.json")

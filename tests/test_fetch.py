@@ -21,7 +21,7 @@ import pytest
 from pipeline import fetch
 from pipeline.common import PipelineError, read_parquet
 from pipeline.contracts import CANDIDATES_SCHEMA, QUESTIONS_SCHEMA
-from pipeline.sources import LAREQA_SOURCES, XQUAD_R
+from pipeline.sources.catalogue import LAREQA_SOURCES, XQUAD_R
 from tests.helpers import no_questions, write_params
 
 REPO = Path(__file__).parents[1]

@@ -1,4 +1,4 @@
-"""pipeline.grid: the search table (changed params, figures, frontier) from `dvc exp show` rows.
+"""pipeline.analysis.grid: the search table (changed params, figures, frontier) from `dvc exp show` rows.
 The real `dvc exp show` layout these rows copy (file-prefixed metric names) is tested in test_sweep."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.analysis.grid import csv_table, frontier, grid_table, markdown, plot_frontier, pool_runs
+from pipeline.analysis.runs import SUMMARY_FIGURES, figure_label
+from pipeline.analysis.sweep import BASE_FILE, METRICS_FILE
 from pipeline.common import PipelineError
-from pipeline.grid import FIGURES, csv_table, frontier, grid_table, markdown, plot_frontier, pool_runs
-from pipeline.sweep import BASE_FILE, METRICS_FILE
 
 BASE = {"mono_map": 0.80, "cross_map": 0.64, "multi_map": 0.30, "rank_distance": 1200.0}
 
@@ -50,7 +51,7 @@ def test_grid_table_has_the_changed_params_the_figures_and_the_frontier(tmp_path
     assert [c for c in table.columns if "." in c] == ["sampler.negatives", "train.lr"]  # schema order; seed is the same
     assert table["frontier"].tolist() == [True, True, False]
     assert table["base_mono_map"].tolist() == [0.80] * 3
-    text = markdown(table, "xquad_r", list(FIGURES))
+    text = markdown(table, "xquad_r", list(SUMMARY_FIGURES))
     assert "| g-b | none | 1e-05 | 1 | 0.7900 (-0.0100) | 0.6500 (+0.0100) | 0.4500 (+0.1500) | 600.0 (-600.0) | yes |" in text
     fig = plot_frontier(table, tmp_path / "grid.png", "xquad_r")
     assert (tmp_path / "grid.png").stat().st_size > 0
@@ -66,7 +67,7 @@ def test_a_table_without_mono_map_and_another_figure_plots_nothing(tmp_path):
     assert plot_frontier(table.drop(columns=["mono_map"]), tmp_path / "noise.png", "xquad_r") is None
     assert not list(tmp_path.iterdir())
     one_axis = plot_frontier(table.drop(columns=["rank_distance"]), tmp_path / "multi.png", "xquad_r")
-    assert len(one_axis.axes) == 1 and one_axis.axes[0].get_xlabel() == FIGURES["multi_map"]
+    assert len(one_axis.axes) == 1 and one_axis.axes[0].get_xlabel() == figure_label("multi_map")
 
 
 def test_no_matching_finished_run_is_one_line():
@@ -91,25 +92,27 @@ def test_runs_that_differ_only_in_seed_pool_into_mean_and_sd():
 
 def grid_csv(path, rows: list[tuple]) -> None:
     """A CSV as benchmarks/in_process_grid.py writes it: name, the searched params, figures per dataset."""
-    columns = ["name", "seed", "train.temperature", "sampler.steps", "final_loss", *(f"xquad_r.{k}" for k in FIGURES)]
+    columns = ["name", "seed", "train.temperature", "sampler.steps", "final_loss", *(f"xquad_r.{k}" for k in SUMMARY_FIGURES)]
     pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
 
 
 def test_csv_grids_line_up_pool_seeds_and_take_the_base_from_eval_base(tmp_path):
     grid_csv(tmp_path / "a.csv", [("t05", 42, 0.05, 60, 0.3, 0.77, 0.67, 0.56, 360.0), ("t01", 42, 0.01, 60, 0.3, 0.81, 0.71, 0.60, 330.0)])
     grid_csv(tmp_path / "b.csv", [("t01-s43", 43, 0.01, 60, 0.5, 0.83, 0.71, 0.60, 320.0)])
-    table = pool_runs(csv_table([tmp_path / "a.csv", tmp_path / "b.csv"], "xquad_r", list(FIGURES), BASE), "seed", list(FIGURES))
+    table = pool_runs(
+        csv_table([tmp_path / "a.csv", tmp_path / "b.csv"], "xquad_r", list(SUMMARY_FIGURES), BASE), "seed", list(SUMMARY_FIGURES)
+    )
     assert table["experiment"].tolist() == ["t01, t01-s43", "t05"] and table["runs"].tolist() == [2, 1]
     assert "sampler.steps" not in table and "final_loss" not in table  # unchanged params and other columns left out
     assert table.loc[0, "mono_map"] == pytest.approx(0.82) and table.loc[0, "mono_map_sd"] == pytest.approx(np.std([0.81, 0.83], ddof=1))
-    text = markdown(table, "xquad_r", list(FIGURES))
+    text = markdown(table, "xquad_r", list(SUMMARY_FIGURES))
     assert "| t05 | 0.05 | 1 | 0.7700 (-0.0300) | 0.6700 (+0.0300) | 0.5600 (+0.2600) | 360.0 (-840.0) |  |" in text
 
 
 def test_csv_grids_that_record_other_params_or_another_dataset_are_refused(tmp_path):
     grid_csv(tmp_path / "a.csv", [("t01", 42, 0.01, 60, 0.3, 0.81, 0.71, 0.60, 330.0)])
-    pd.DataFrame({"name": ["x"], "seed": [42], **{f"xquad_r.{k}": [0.5] for k in FIGURES}}).to_csv(tmp_path / "b.csv", index=False)
+    pd.DataFrame({"name": ["x"], "seed": [42], **{f"xquad_r.{k}": [0.5] for k in SUMMARY_FIGURES}}).to_csv(tmp_path / "b.csv", index=False)
     with pytest.raises(PipelineError, match="'sampler.steps' is not recorded in every CSV"):
-        csv_table([tmp_path / "a.csv", tmp_path / "b.csv"], "xquad_r", list(FIGURES), BASE)
+        csv_table([tmp_path / "a.csv", tmp_path / "b.csv"], "xquad_r", list(SUMMARY_FIGURES), BASE)
     with pytest.raises(PipelineError, match=r"a.csv: no column 'mlqa_r.mono_map'"):
-        csv_table([tmp_path / "a.csv"], "mlqa_r", list(FIGURES), BASE)
+        csv_table([tmp_path / "a.csv"], "mlqa_r", list(SUMMARY_FIGURES), BASE)

@@ -17,6 +17,8 @@ from pipeline.common import write_parquet
 from pipeline.contracts import PAIRS_PATH, PARALLEL_CANDIDATES_PATH, PARALLEL_QUESTIONS_PATH, pairs_stamp
 from tests.helpers import REPO, corpus_of, make_pairs, write_params, write_raw
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, dvc or a grid: `pytest -m 'not slow'` skips it
+
 SCRIPT = REPO / "benchmarks" / "in_process_grid.py"
 TINY = {"sampler.batch_size": 4, "sampler.steps": 3, "train.precision": "fp32", "evaluate.precision": "fp32", "evaluate.noise": []}
 

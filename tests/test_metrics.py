@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.metrics import (
+from pipeline.scoring.metrics import (
     average_precision,
     mean_average_precision,
     ndcg_at_k,

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import evaluate
-from pipeline.lareqa import RetrievalTask, sample_queries, score_task, settings_of, subset_queries
-from pipeline.noise import Noise, perturb, strip_diacritics, typo
-from pipeline.robustness import noise_robustness
+from pipeline.scoring.lareqa import RetrievalTask, sample_queries, score_task, settings_of, subset_queries
+from pipeline.scoring.noise import Noise, perturb, strip_diacritics, typo
+from pipeline.scoring.robustness import noise_robustness
 from tests.helpers import mirror_file
 
 NOISES = [Noise.parse(name) for name in ("typo_0.05", "typo_0.15", "no_diacritics", "lowercase")]

@@ -14,16 +14,27 @@ import re
 import sys
 
 import pytest
-import yaml
 from ctranslate2.converters.converter import ACCEPTED_MODEL_TYPES
 
-from pipeline import params_schema
-from pipeline.common import ParamsLoader, PipelineError, load_params, run_stage
-from pipeline.languages import NLLB_CODES
-from pipeline.params_schema import MAX_PLAN_ROWS, SCHEMA, leaves, validate
+from pipeline import params as params_schema
+from pipeline.common import PipelineError, run_stage
+from pipeline.params import (
+    EXECUTION,
+    GROUP_CLASSES,
+    MAX_PLAN_ROWS,
+    REPLACED,
+    SCHEMA,
+    Execution,
+    execution,
+    leaves,
+    load_params,
+    read_params,
+    validate,
+)
+from pipeline.sources.languages import NLLB_CODES
 from tests.helpers import REPO
 
-REPO_PARAMS = load_params(REPO / "params.yaml")
+REPO_PARAMS = read_params(REPO / "params.yaml")
 DELETE = object()
 
 
@@ -60,7 +71,11 @@ STRUCTURE_CASES = [
     ({"sampler.batch_size": Rename("batchsize")}, "sampler.batchsize: unknown parameter (did you mean sampler.batch_size?)"),
     ({"sampler": Rename("sampeler")}, "sampeler: unknown parameter group (did you mean sampler?)"),
     ({"evaluate": Rename("evalute")}, "evalute: unknown parameter group (did you mean evaluate?)"),
-    ({"train.batch_size": 16}, "train.batch_size: unknown parameter (did you mean evaluate.batch_size or sampler.batch_size?)"),
+    ({"train.batch_size": 16}, "train.batch_size: unknown parameter (did you mean sampler.batch_size?)"),
+    ({"train.processes": 2}, "train.processes: " + REPLACED["train.processes"]),
+    ({"train.checkpoint_every": 50}, "train.checkpoint_every: " + REPLACED["train.checkpoint_every"]),
+    ({"train.rendezvous_timeout_s": 300}, "train.rendezvous_timeout_s: " + REPLACED["train.rendezvous_timeout_s"]),
+    ({"evaluate.batch_size": 16}, "evaluate.batch_size: " + REPLACED["evaluate.batch_size"]),
     ({"lr": 0.1}, "lr: unknown parameter (did you mean train.lr?)"),
     ({"sampler.zzz": 1}, "sampler.zzz: unknown parameter (known: ratio, schedule, order, batch_size, steps, negatives)"),
     (
@@ -119,9 +134,6 @@ VALUE_CASES = [
         {"evaluate.datasets": ["xquad_r", "mlqa_r"], "evaluate.langs": ["el", "en"]},
         f"evaluate.langs: el not in mlqa_r (its languages: {MLQA_LANGS})",
     ),
-    ({"evaluate.batch_size": 0}, "evaluate.batch_size: 0 must be >= 1"),
-    ({"evaluate.batch_size": "16"}, "evaluate.batch_size: expected an integer, got the string '16'"),
-    ({"evaluate.batch_size": False}, "evaluate.batch_size: expected an integer, got the boolean false"),
     ({"evaluate.precision": "fp16"}, "evaluate.precision: 'fp16' is not one of auto, fp32, bf16 (did you mean bf16?)"),
     ({"train.precision": "half"}, "train.precision: 'half' is not one of auto, fp32, bf16"),
     ({"evaluate.noise": ["typoo_0.1"]}, "evaluate.noise[0]: unknown noise 'typoo_0.1' (known: typo_<rate>, no_diacritics, lowercase)"),
@@ -184,7 +196,6 @@ VALUE_CASES = [
     ({"sampler.batch_size": 1}, "sampler.batch_size: 1 must be >= 2 (InfoNCE needs in-batch negatives)"),
     ({"sampler.batch_size": 0}, "sampler.batch_size: 0 must be >= 2 (InfoNCE needs in-batch negatives)"),
     ({"sampler.batch_size": 16.0}, "sampler.batch_size: expected an integer, got the number 16.0"),
-    ({"sampler.batch_size": 16, "train.processes": 3}, "sampler.batch_size: 16 is not divisible by the 3 processes (train.processes)"),
     ({"sampler.steps": 0}, "sampler.steps: 0 must be >= 1"),
     (
         {"sampler.steps": 10**12, "sampler.batch_size": 16},
@@ -217,23 +228,13 @@ VALUE_CASES = [
     ({"train.warmup_ratio": 1.5}, "train.warmup_ratio: 1.5 is outside [0, 1]"),
     ({"train.weight_decay": -0.01}, "train.weight_decay: -0.01 must be >= 0"),
     ({"train.weight_decay": math.nan}, "train.weight_decay: nan is not a finite number"),
-    ({"train.checkpoint_every": 0}, "train.checkpoint_every: 0 must be >= 1"),
     ({"train.freeze_embeddings": "yes"}, "train.freeze_embeddings: expected true or false, got the string 'yes'"),
     ({"train.freeze_embeddings": 1}, "train.freeze_embeddings: expected true or false, got the integer 1"),
-    ({"train.processes": 0}, "train.processes: 0 must be >= 1"),
-    ({"train.processes": True}, "train.processes: expected an integer, got the boolean true"),
     ({"train.chunk_size": 0}, "train.chunk_size: 0 must be >= 1"),
     (
         {"train.chunk_size": 32, "sampler.batch_size": 16},
-        "train.chunk_size: 32 is larger than the 16 pairs each of the 1 processes embeds per batch",
+        "train.chunk_size: 32 is larger than the 16 pairs of a batch (sampler.batch_size)",
     ),
-    (
-        {"train.chunk_size": 16, "sampler.batch_size": 16, "train.processes": 2},
-        "train.chunk_size: 16 is larger than the 8 pairs each of the 2 processes embeds per batch",
-    ),
-    ({"train.rendezvous_timeout_s": 0}, "train.rendezvous_timeout_s: 0 is outside (0, 86400]"),
-    ({"train.rendezvous_timeout_s": math.inf}, "train.rendezvous_timeout_s: inf is not a finite number"),
-    ({"train.rendezvous_timeout_s": 1e9}, "train.rendezvous_timeout_s: 1000000000.0 is outside (0, 86400]"),
     ({"train.adversarial_weight": -0.1}, "train.adversarial_weight: -0.1 must be >= 0"),
     ({"train.adversarial_weight": math.nan}, "train.adversarial_weight: nan is not a finite number"),
     ({"train.adversary_lr": 0}, "train.adversary_lr: 0 must be > 0"),
@@ -245,10 +246,10 @@ VALUE_CASES = [
 
 # Edits that must stay valid: ints where numbers go, nulls where allowed, the edges of ranges.
 GOOD_EDITS = [
-    {"train.lr": 1, "sampler.ratio": 1, "train.warmup_ratio": 0, "train.weight_decay": 0, "train.rendezvous_timeout_s": 1},
+    {"train.lr": 1, "sampler.ratio": 1, "train.warmup_ratio": 0, "train.weight_decay": 0},
     {"sampler.ratio": 0.0, "sampler.batch_size": 2, "sampler.schedule": "pair"},
     {"sampler.schedule": "sequential", "sampler.order": "cross_first", "sampler.negatives": "query_language"},
-    {"sampler.schedule": "multitask", "sampler.negatives": "paragraph", "train.chunk_size": 4, "train.processes": 2},
+    {"sampler.schedule": "multitask", "sampler.negatives": "paragraph", "train.chunk_size": 4},
     {"train.adversarial_weight": 0.1, "train.query_noise": ["typo_0.05", "lowercase"], "train.query_noise_rate": 1},
     {"sampler.steps": MAX_PLAN_ROWS // 16, "sampler.batch_size": 16},
     {"evaluate.langs": ["de", "en"], "evaluate.noise": None, "evaluate.noise_queries": None, "evaluate.mteb_tasks": None},
@@ -258,7 +259,7 @@ GOOD_EDITS = [
     {"data.train": "squad", "translate.model": "facebook/nllb-200-distilled-600M", "translate.source_lang": "en"},
     {"data.eval": [], "evaluate.datasets": ["mlqa_r"]},  # data.train is mlqa_r: fetched all the same
     {"translate.model": "models/nllb-ct2", "translate.source_lang": "de", "translate.compute_type": "int8_float16"},
-    {"train.chunk_size": 8, "train.processes": 2, "sampler.batch_size": 16},
+    {"train.chunk_size": 16, "sampler.batch_size": 16},
     {"model.query_prefix": "", "model.passage_prefix": "", "seed": 0, "evaluate.noise_seed": 2**32 - 1},
 ]
 
@@ -314,23 +315,25 @@ def test_every_param_has_a_bad_value_case():
     assert "train.lr" in uncovered(REPO_PARAMS, [c for c in VALUE_CASES if _param_of(c[1]) != "train.lr"])
 
 
-def test_yaml_spellings():
-    """Values as YAML 1.1 (PyYAML, what load_params uses) reads them from the file."""
+def test_yaml_spellings(tmp_path):
+    """Values as YAML 1.2 (ruamel.yaml, what DVC and load_params use) reads them from the file."""
+    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    lr_line = next(line for line in text.splitlines() if line.startswith("  lr: "))
 
-    def check(text: str) -> None:
-        params = copy.deepcopy(REPO_PARAMS)
-        params["train"].update(yaml.load(text, ParamsLoader))
-        validate(params)
+    def load_with(old: str, new: str) -> None:
+        (tmp_path / "params.yaml").write_text(text.replace(old, new), encoding="utf-8")
+        load_params(tmp_path / "params.yaml")
 
-    with pytest.raises(PipelineError, match=r"^params\.yaml: train\.lr: inf is not a finite number$"):
-        check("lr: .inf")
-    check("lr: 3e-05")  # how `dvc exp run -S train.lr=3e-5` writes it: YAML 1.2's float, not 1.1's string
-    check("lr: 1E-5")
+    with pytest.raises(PipelineError, match=r"train\.lr: inf is not a finite number$"):
+        load_with(lr_line, "  lr: .inf")
+    for spelling in ("3e-05", "1E-5", "1e-5", "3.0e-5"):  # `dvc exp run -S train.lr=3e-5` writes 3e-05: a float in YAML 1.2
+        load_with(lr_line, f"  lr: {spelling}")
     with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string '3e-5'")):
-        check("lr: '3e-5'")
+        load_with(lr_line, "  lr: '3e-5'")
     with pytest.raises(PipelineError, match=re.escape("train.lr: expected a number, got the string 'inf'")):
-        check("lr: inf")
-    check("lr: 3.0e-5\nfreeze_embeddings: yes")
+        load_with(lr_line, "  lr: inf")
+    with pytest.raises(PipelineError, match=re.escape("train.freeze_embeddings: expected true or false, got the string 'yes'")):
+        load_with("freeze_embeddings: true", "freeze_embeddings: yes")  # YAML 1.2: a string, as DVC reads it
 
 
 def test_origin_names_the_file():
@@ -341,12 +344,17 @@ def test_origin_names_the_file():
 
 
 def test_stage_command(tmp_path, monkeypatch, capsys):
-    """`python -m pipeline.params_schema`: OK line, or exit 2 with one error line."""
+    """`python -m pipeline.params`: OK line and its constant output, or exit 2 with one error line."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["params_schema"])
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     run_stage(params_schema.main)
     assert capsys.readouterr().out == f"params.yaml: {len(SCHEMA)} parameters OK\n"
+    checked = tmp_path / "data/checked/params.ok"
+    first = checked.read_bytes()
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("ratio: 0.5", "ratio: 0.25"))
+    run_stage(params_schema.main)
+    assert checked.read_bytes() == first  # an edit reruns only the stages that use the parameter
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("  ratio:", "  ratoi:"))
     with pytest.raises(SystemExit) as exited:
@@ -369,7 +377,58 @@ def test_params_read_numbers_as_dvc_writes_them(tmp_path):
     assert "lr: 1e-05" in text
     (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
     params = load_params(tmp_path / "params.yaml")
-    assert params["train"]["lr"] == 1e-5 and isinstance(params["train"]["lr"], float)
-    assert yaml.load("a: 1\nb: 0.5\nc: .inf\nd: 1_000\ne: '1e-05'\nf: v1e5\ng: 1e5", ParamsLoader) == {
-        "a": 1, "b": 0.5, "c": float("inf"), "d": 1000, "e": "1e-05", "f": "v1e5", "g": 1e5,
-    }  # fmt: skip
+    assert params.train.lr == 1e-5 and isinstance(params.train.lr, float)
+
+
+def test_a_key_given_twice_is_refused_not_the_last_taken(tmp_path):
+    """DVC refuses such a file; a YAML 1.1 reader silently kept the last value and replaced the plan (issue #27)."""
+    text = (REPO / "params.yaml").read_text(encoding="utf-8").replace("  ratio: 0.5", "  ratio: 0.25\n  ratio: 0.5", 1)
+    (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if row.startswith("  ratio: 0.5"))
+    with pytest.raises(PipelineError) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert str(caught.value) == (
+        f'{tmp_path / "params.yaml"}: line {line}: found duplicate key "ratio" (given twice in one group: '
+        "DVC refuses the file, and which value would count is a guess)"
+    )
+
+
+def test_not_yaml_and_missing_file_are_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: [42\ndata: 1\n", encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"params\.yaml: not valid YAML at line 2 column \d+ \("):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(PipelineError, match=r"nothing\.yaml: file not found$"):
+        load_params(tmp_path / "nothing.yaml")
+
+
+def test_typed_groups_hold_exactly_the_schema():
+    """Each group's dataclass has one field per parameter of the group: a stage reads `params.sampler.ratio`, checked."""
+    fields_of = {f"{group}.{name}" for group, cls in GROUP_CLASSES.items() for name in cls.__dataclass_fields__}
+    assert fields_of | {"seed"} == set(SCHEMA)
+    params = load_params(REPO / "params.yaml")
+    assert params.sampler.ratio == REPO_PARAMS["sampler"]["ratio"] and params.seed == REPO_PARAMS["seed"]
+    assert params.evaluate.noise == tuple(REPO_PARAMS["evaluate"]["noise"])  # frozen: lists become tuples
+
+
+def test_execution_settings_come_from_the_environment():
+    assert execution({}) == Execution()
+    settings = execution({"HYBRIDIR_PROCESSES": "2", "HYBRIDIR_EVAL_BATCH_SIZE": " 64 ", "HYBRIDIR_RENDEZVOUS_TIMEOUT_S": "30"})
+    assert (settings.processes, settings.eval_batch_size, settings.rendezvous_timeout_s, settings.checkpoint_every) == (2, 64, 30, 50)
+    assert {field for field, _ in EXECUTION.values()} == set(Execution.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HYBRIDIR_PROCESSES": "0"}, "environment: HYBRIDIR_PROCESSES: 0 must be >= 1"),
+        ({"HYBRIDIR_PROCESSES": "two"}, "environment: HYBRIDIR_PROCESSES: expected an integer, got the string 'two'"),
+        ({"HYBRIDIR_CHECKPOINT_EVERY": "1.5"}, "environment: HYBRIDIR_CHECKPOINT_EVERY: expected an integer, got the string '1.5'"),
+        ({"HYBRIDIR_RENDEZVOUS_TIMEOUT_S": "inf"}, "environment: HYBRIDIR_RENDEZVOUS_TIMEOUT_S: inf is not a finite number"),
+        ({"HYBRIDIR_RENDEZVOUS_TIMEOUT_S": "1e9"}, "environment: HYBRIDIR_RENDEZVOUS_TIMEOUT_S: 1000000000.0 is outside (0, 86400]"),
+        ({"HYBRIDIR_EVAL_BATCH_SIZE": ""}, "environment: HYBRIDIR_EVAL_BATCH_SIZE: expected an integer, got the string ''"),
+    ],
+)
+def test_bad_execution_settings(environ, message):
+    with pytest.raises(PipelineError) as caught:
+        execution(environ)
+    assert str(caught.value) == message

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import evaluate, fetch
-from pipeline.encoding import load_model
+from pipeline.scoring.encoding import load_model
 from tests.helpers import mirror_file
 
 LANGS = ("en", "de", "zh")

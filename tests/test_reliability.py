@@ -18,7 +18,10 @@ import yaml
 from pipeline import train
 from pipeline.common import write_parquet
 from pipeline.contracts import pairs_stamp
-from tests.helpers import CONFIG, load, make_pairs, make_plan, stage_dir, write_params
+from pipeline.training.planned import plan_texts
+from tests.helpers import CONFIG, SEED, load, make_pairs, make_plan, stage_dir, stage_env, write_params
+
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, dvc or a grid: `pytest -m 'not slow'` skips it
 
 # Runs a stage with one library call replaced by "write part of the output, then die".
 DIE_MID_WRITE = textwrap.dedent(
@@ -87,7 +90,7 @@ KILLED_AFTER_CHECKPOINT = textwrap.dedent(
         if step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL if signal_to_send == "kill" else signal.SIGINT)
 
-    train.save_checkpoint = save_then_die
+    train.save_checkpoint = save_then_die  # the name train's loop calls
     sys.argv = ["train", "--resume"]
     run_stage(train.main)
     """
@@ -103,7 +106,7 @@ def _loss_steps(cwd: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
     cwd = stage_dir(tmp_path_factory.mktemp("uninterrupted"), tiny_model_dir, steps=12)
-    result = subprocess.run(TRAIN, cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(TRAIN, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return cwd
 
@@ -120,7 +123,7 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tm
     (what `dvc repro` runs): the same weights as a run never killed, and whole curves with no step twice."""
     cwd = stage_dir(tmp_path, tiny_model_dir, steps=12)
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "4", "kill"], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "4", "kill"], cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (cwd / "models/retriever").exists()
@@ -131,7 +134,7 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tm
         summary.write_bytes(summary.read_bytes()[:20])
     elif live_summary == "missing":
         shutil.rmtree(cwd / "metrics/train_live")  # as `dvc repro` deletes a stage's outputs before running it
-    result = subprocess.run(TRAIN, cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(TRAIN, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads((cwd / "metrics/train.json").read_text())["resumed_from_step"] == 4
     _same_weights(uninterrupted, cwd)
@@ -146,7 +149,7 @@ def test_a_corrupt_checkpoint_is_ignored_with_one_line(tmp_path, tiny_model_dir,
     checkpoint = cwd / train.CHECKPOINT_PATH
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"PK\x03\x04 half a zip archive")  # killed mid-save where rename is not atomic
-    result = subprocess.run(TRAIN, cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(TRAIN, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "checkpoint" in line]
     assert line.startswith(f"{train.CHECKPOINT_PATH}: unusable checkpoint (PytorchStreamReader failed reading zip archive")
@@ -158,7 +161,12 @@ def test_a_corrupt_checkpoint_is_ignored_with_one_line(tmp_path, tiny_model_dir,
 def test_ctrl_c_during_train_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
     cwd = stage_dir(tmp_path, tiny_model_dir, steps=12)
     result = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "2", "interrupt"], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "2", "interrupt"],
+        cwd=cwd,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 130
     assert result.stderr.strip().splitlines()[-1] == "interrupted: no output of this stage was replaced"
@@ -169,11 +177,11 @@ def test_ctrl_c_during_train_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
 
 def test_training_twice_with_one_seed_gives_the_same_weights_on_cpu(tiny_model_dir):
     pairs = make_pairs()
-    batches = train.plan_texts(make_plan(pairs, steps=4), pairs, "query: ", "passage: ")
+    batches = plan_texts(make_plan(pairs, steps=4), pairs, "query: ", "passage: ")
     runs = []
     for _ in range(2):
         model = load(tiny_model_dir)
-        summary = train.train(model, batches, CONFIG)
+        summary = train.train(model, batches, CONFIG, SEED)
         runs.append((summary["final_loss"], model.state_dict()))
     (loss_a, a), (loss_b, b) = runs
     assert abs(loss_a - loss_b) < 1e-6

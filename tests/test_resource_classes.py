@@ -9,7 +9,7 @@ import re
 import pytest
 
 from pipeline.common import PipelineError
-from pipeline.resource_classes import TABLE, has_class, mean_by_class, resource_class
+from pipeline.sources.resource_classes import TABLE, has_class, mean_by_class, resource_class
 
 XQUAD_R = "ar de el en es hi ru th tr vi zh".split()
 MLQA_R = "ar de en es hi vi zh".split()

@@ -14,9 +14,13 @@ import pytest
 import torch
 
 from pipeline import train
-from pipeline.distributed import World
+from pipeline.scoring import encoding
+from pipeline.training.distributed import World
+from pipeline.training.loss import contrastive_step, info_nce_loss
+from pipeline.training.planned import PlannedBatch, plan_texts
 from tests.helpers import (
     CONFIG,
+    SEED,
     free_port,
     load,
     make_pairs,
@@ -27,12 +31,14 @@ from tests.helpers import (
     without_dropout,
 )
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, dvc or a grid: `pytest -m 'not slow'` skips it
+
 TOL = 1e-5
 
 
-def planned_batch(size: int = 8) -> train.PlannedBatch:
+def planned_batch(size: int = 8) -> PlannedBatch:
     pairs = make_pairs()
-    return train.plan_texts(make_plan(pairs, steps=1, batch_size=size), pairs, "query: ", "passage: ")[0]
+    return plan_texts(make_plan(pairs, steps=1, batch_size=size), pairs, "query: ", "passage: ")[0]
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -47,7 +53,7 @@ def test_cached_gradients_equal_the_whole_batch_and_sentence_transformers(tiny_m
     results = {}
     for chunk in (None, 3, 8):  # whole batch; uneven chunks; one chunk
         model = without_dropout(load(tiny_model_dir))
-        loss, _ = train.contrastive_step(model, batch, 0.05, World(), chunk, bf16=False)
+        loss, _ = contrastive_step(model, batch, 0.05, World(), chunk, bf16=False)
         results[chunk] = loss.item(), gradients(model)
     reference = without_dropout(load(tiny_model_dir))
     st_loss = CachedMultipleNegativesRankingLoss(reference, scale=1 / 0.05, mini_batch_size=3)
@@ -71,11 +77,11 @@ def test_cached_gradients_replay_dropout(tiny_model_dir):
     queries, passages = batch.queries, batch.passages
     cached = load(tiny_model_dir).train()
     torch.manual_seed(0)
-    loss, _ = train.contrastive_step(cached, batch, 0.05, World(), 4, bf16=False)
+    loss, _ = contrastive_step(cached, batch, 0.05, World(), 4, bf16=False)
     direct = load(tiny_model_dir).train()
     torch.manual_seed(0)  # the same masks: the same chunks in the same order, with the graph kept
-    parts = [train.embed(direct, c) for c in (queries[:4], queries[4:], passages[:4], passages[4:])]
-    expected = train.info_nce_loss(torch.cat(parts[:2]), torch.cat(parts[2:]), 0.05)
+    parts = [encoding.embed(direct, c) for c in (queries[:4], queries[4:], passages[:4], passages[4:])]
+    expected = info_nce_loss(torch.cat(parts[:2]), torch.cat(parts[2:]), 0.05)
     expected.backward()
     assert abs(loss.item() - expected.item()) < TOL
     want = gradients(direct)
@@ -96,7 +102,7 @@ def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -
     # last-bit differences of summing over 2 ranks move the update by up to lr * 0.1, so a
     # small lr keeps that below the tolerance while every weight still moves.
     config = replace(CONFIG, warmup_ratio=0.0, lr=1e-5)
-    summary = train.train(model, [batch], config, train.TrainRun(world=world))
+    summary = train.train(model, [batch], config, SEED, train.TrainRun(world=world))
     if rank == 0:
         torch.save({"loss": summary["final_loss"], "state": model.state_dict()}, out)
     if world_size > 1:
@@ -116,8 +122,8 @@ def test_two_gloo_processes_take_the_same_step_as_one(tiny_model_dir, tmp_path):
 
 
 def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):
-    cwd = stage_dir(tmp_path, tiny_model_dir, processes=2, chunk_size=1)
-    result = run_train_stage(cwd)
+    cwd = stage_dir(tmp_path, tiny_model_dir, chunk_size=1)
+    result = run_train_stage(cwd, HYBRIDIR_PROCESSES="2")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((cwd / "metrics/train.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3
@@ -126,26 +132,35 @@ def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    ("train_params", "message"),
+    ("train_params", "settings", "message"),
     [
-        ({"processes": 3}, "error: params.yaml: sampler.batch_size: 4 is not divisible by the 3 processes (train.processes)"),
-        ({"chunk_size": 5}, "error: params.yaml: train.chunk_size: 5 is larger than the 4 pairs each of the 1 processes embeds per batch"),
-        ({"chunk_size": 0}, "error: params.yaml: train.chunk_size: 0 must be >= 1"),
-        ({"processes": 0}, "error: params.yaml: train.processes: 0 must be >= 1"),
+        ({}, {"HYBRIDIR_PROCESSES": "3"}, "error: params.yaml: sampler.batch_size: 4 is not divisible by the 3 processes (HYBRIDIR_PROCESSES)"),
+        ({"chunk_size": 3}, {"HYBRIDIR_PROCESSES": "2"}, "error: params.yaml: train.chunk_size: 3 is larger than the 2 pairs each of the 2 processes embeds per batch"),
+        ({"chunk_size": 5}, {}, "error: params.yaml: train.chunk_size: 5 is larger than the 4 pairs of a batch (sampler.batch_size)"),
+        ({"chunk_size": 0}, {}, "error: params.yaml: train.chunk_size: 0 must be >= 1"),
+        ({}, {"HYBRIDIR_PROCESSES": "0"}, "error: environment: HYBRIDIR_PROCESSES: 0 must be >= 1"),
     ],
-)
-def test_bad_scale_out_params_fail_before_start(tmp_path, tiny_model_dir, train_params, message):
+)  # fmt: skip
+def test_bad_scale_out_params_fail_before_start(tmp_path, tiny_model_dir, train_params, settings, message):
     cwd = stage_dir(tmp_path, tiny_model_dir, **train_params)
-    result = run_train_stage(cwd)
+    result = run_train_stage(cwd, **settings)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [message]
     assert not (cwd / "models/retriever").exists()
 
 
 def test_unreachable_rendezvous_times_out_with_one_line(tmp_path, tiny_model_dir):
-    cwd = stage_dir(tmp_path, tiny_model_dir, rendezvous_timeout_s=3)
+    cwd = stage_dir(tmp_path, tiny_model_dir)
     port = free_port()  # nobody listens there: rank 0 never comes
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "HYBRIDIR_RENDEZVOUS_TIMEOUT_S": "3",
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     began = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

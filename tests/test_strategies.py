@@ -15,11 +15,15 @@ import torch.nn.functional as F
 
 from pipeline import train
 from pipeline.common import PipelineError
-from pipeline.distributed import World
-from pipeline.noise import Noise, perturb
-from pipeline.train import GradientReversal, LanguageAdversary, PlannedBatch
+from pipeline.scoring import encoding
+from pipeline.scoring.noise import Noise, perturb
+from pipeline.training.adversary import GradientReversal, LanguageAdversary, adversary_grads
+from pipeline.training.distributed import World
+from pipeline.training.loss import contrastive_step, info_nce_loss, same_task_mask
+from pipeline.training.planned import PlannedBatch, plan_texts, query_noise_draws
 from tests.helpers import (
     CONFIG,
+    SEED,
     corpus_of,
     load,
     make_pairs,
@@ -38,7 +42,7 @@ def planned(steps: int = 2, batch_size: int = 4, schedule: str = "hybrid", negat
     pairs = make_pairs()
     plan = make_plan(pairs, steps=steps, batch_size=batch_size, schedule=schedule, negatives=negatives)
     candidates = corpus_of(pairs)[1] if negatives != "none" else None
-    return train.plan_texts(plan, pairs, "query: ", "passage: ", candidates, schedule == "multitask", noise)
+    return plan_texts(plan, pairs, "query: ", "passage: ", candidates, schedule == "multitask", noise)
 
 
 def gradients(*modules) -> dict[str, torch.Tensor]:
@@ -60,7 +64,7 @@ def test_multitask_loss_is_the_share_weighted_sum_of_each_tasks_info_nce():
     negatives = ["n0", None, "n2", None, "n4", "n5"]  # rows 0, 2, 4, 5 have a hard negative
     batch = PlannedBatch(["q"] * 6, ["p"] * 6, negatives=negatives, tasks=tasks)
     q, p, n = torch.randn(6, 8), torch.randn(6, 8), torch.randn(4, 8)
-    loss = train.info_nce_loss(q, torch.cat([p, n]), 0.05, same_task=train.same_task_mask(batch, World(), "cpu"))
+    loss = info_nce_loss(q, torch.cat([p, n]), 0.05, same_task=same_task_mask(batch, World(), "cpu"))
 
     mono = info_nce_by_hand(q[:2], torch.cat([p[:2], n[:1]]), 0.05)  # its rows' positives, its rows' negatives
     cross = info_nce_by_hand(q[2:], torch.cat([p[2:], n[1:]]), 0.05)
@@ -70,9 +74,9 @@ def test_multitask_loss_is_the_share_weighted_sum_of_each_tasks_info_nce():
 def test_every_query_is_scored_against_every_positive_and_hard_negative():
     torch.manual_seed(1)
     q, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8)
-    assert torch.allclose(train.info_nce_loss(q, torch.cat([p, n]), 0.05), info_nce_by_hand(q, torch.cat([p, n]), 0.05), atol=1e-6)
+    assert torch.allclose(info_nce_loss(q, torch.cat([p, n]), 0.05), info_nce_by_hand(q, torch.cat([p, n]), 0.05), atol=1e-6)
     # a hard negative equal to a query's own positive leaves that query at log 2 at best
-    same = train.info_nce_loss(torch.eye(2, 8), torch.cat([torch.eye(2, 8), torch.eye(1, 8)]), 0.05)
+    same = info_nce_loss(torch.eye(2, 8), torch.cat([torch.eye(2, 8), torch.eye(1, 8)]), 0.05)
     assert same.item() == pytest.approx(torch.log(torch.tensor(2.0)).item() / 2, abs=1e-4)
 
 
@@ -89,6 +93,7 @@ def test_gradient_reversal_gives_minus_weight_times_the_plain_gradient(weight):
     assert torch.allclose(reversed_, -weight * plain, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_encoder_gets_the_classifiers_gradient_reversed_and_the_classifier_its_own(tiny_model_dir):
     """Through the adversary, the encoder's weight gradients are -weight x those of the plain classifier loss."""
     texts, langs = ["query: eins", "query: two", "passage: drei", "passage: four"], ["de", "en", "de", "en"]
@@ -97,7 +102,7 @@ def test_the_encoder_gets_the_classifiers_gradient_reversed_and_the_classifier_i
         model = without_dropout(load(tiny_model_dir))
         torch.manual_seed(3)
         adversary = LanguageAdversary(32, ["de", "en"], weight or 0.0)
-        embeddings = train.embed(model, texts)
+        embeddings = encoding.embed(model, texts)
         target = torch.tensor([["de", "en"].index(lang) for lang in langs])
         logits = adversary.classifier(embeddings) if weight is None else adversary(embeddings)
         F.cross_entropy(logits, target).backward()
@@ -115,7 +120,7 @@ def test_adversary_grads_reverse_the_mean_cross_entropy_and_report_its_accuracy(
     adversary = LanguageAdversary(8, ["de", "en", "es"], 0.25)
     embeddings = [torch.randn(3, 8), torch.randn(3, 8), torch.randn(2, 8)]
     langs = ["de", "en", "es", "de", "en", "es", "de", "de"]
-    figures, grads = train.adversary_grads(adversary, embeddings, langs, 8, World())
+    figures, grads = adversary_grads(adversary, embeddings, langs, 8, World())
     x = torch.cat(embeddings).requires_grad_()
     target = torch.tensor([adversary.langs.index(lang) for lang in langs])
     logits = adversary.classifier(x)
@@ -131,15 +136,15 @@ def test_adversary_grads_reverse_the_mean_cross_entropy_and_report_its_accuracy(
 
 def test_noisy_queries_are_a_seeded_share_perturbed_as_the_robustness_report_does():
     noises = [Noise.parse("typo_0.2"), Noise.parse("lowercase")]
-    draws = train.query_noise_draws(4000, noises, 0.3, seed=7)
-    assert draws == train.query_noise_draws(4000, noises, 0.3, seed=7)
-    assert draws != train.query_noise_draws(4000, noises, 0.3, seed=8)
+    draws = query_noise_draws(4000, noises, 0.3, seed=7)
+    assert draws == query_noise_draws(4000, noises, 0.3, seed=7)
+    assert draws != query_noise_draws(4000, noises, 0.3, seed=8)
     picked = [d for d in draws if d is not None]
     assert abs(len(picked) / 4000 - 0.3) < 0.03 and {d[0].name for d in picked} == {"typo_0.2", "lowercase"}
-    assert train.query_noise_draws(10, noises, 0.0, seed=7) == [None] * 10 == train.query_noise_draws(10, [], 0.5, seed=7)
+    assert query_noise_draws(10, noises, 0.0, seed=7) == [None] * 10 == query_noise_draws(10, [], 0.5, seed=7)
 
     clean = planned(steps=3)
-    draws = train.query_noise_draws(12, [Noise.parse("typo_0.3")], 0.5, seed=7)
+    draws = query_noise_draws(12, [Noise.parse("typo_0.3")], 0.5, seed=7)
     noisy = planned(steps=3, noise=draws)
     changed = 0
     for i, draw in enumerate(draws):
@@ -157,6 +162,7 @@ def test_noisy_queries_are_a_seeded_share_perturbed_as_the_robustness_report_doe
 EVERY_OPTION = dict(schedule="multitask", negatives="paragraph")
 
 
+@pytest.mark.slow
 def test_cached_gradients_with_every_option_equal_the_whole_batch(tiny_model_dir):
     batch = planned(steps=1, batch_size=8, **EVERY_OPTION)[0]
     assert set(batch.tasks) == {"mono", "cross"} and len(batch.negative_texts()) >= 4
@@ -165,7 +171,7 @@ def test_cached_gradients_with_every_option_equal_the_whole_batch(tiny_model_dir
         model = without_dropout(load(tiny_model_dir))
         torch.manual_seed(5)
         adversary = LanguageAdversary(32, ["de", "en", "es"], 0.5)
-        loss, figures = train.contrastive_step(model, batch, 0.05, World(), chunk, bf16=False, adversary=adversary)
+        loss, figures = contrastive_step(model, batch, 0.05, World(), chunk, bf16=False, adversary=adversary)
         results[chunk] = loss.item(), figures["adversary_accuracy"].item(), gradients(model, adversary)
     (loss, accuracy, grads), (cached_loss, cached_accuracy, cached) = results[None], results[3]
     assert abs(loss - cached_loss) < TOL and accuracy == cached_accuracy
@@ -185,13 +191,14 @@ def _one_step(rank: int, world_size: int, port: int, model_dir: str, out: str) -
     # some rows without a negative, unevenly over the ranks: the gather pads the shorter share
     batch = replace(batch, negatives=[None, None, None, *batch.negatives[3:]], negative_langs=[None, None, None, *batch.negative_langs[3:]])
     config = replace(CONFIG, warmup_ratio=0.0, lr=1e-5, adversarial_weight=0.5)
-    summary = train.train(model, [batch], config, train.TrainRun(world=World(rank=rank, size=world_size)))
+    summary = train.train(model, [batch], config, SEED, train.TrainRun(world=World(rank=rank, size=world_size)))
     if rank == 0:
         torch.save({"loss": summary["final_loss"], "accuracy": summary["final_adversary_accuracy"], "state": model.state_dict()}, out)
     if world_size > 1:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_with_every_option_take_the_same_step_as_one(tiny_model_dir, tmp_path):
     results = step_in_one_and_two_processes(_one_step, tiny_model_dir, tmp_path)
     one, two = results[1], results[2]
@@ -206,6 +213,7 @@ def test_two_gloo_processes_with_every_option_take_the_same_step_as_one(tiny_mod
 # --- training with each option, and the stage ------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sampler, config",
     [
@@ -220,13 +228,13 @@ def test_two_gloo_processes_with_every_option_take_the_same_step_as_one(tiny_mod
 def test_the_tiny_model_trains_a_few_steps_with_each_option(tiny_model_dir, sampler, config):
     draws = None
     if config.get("query_noise"):
-        draws = train.query_noise_draws(12, [Noise.parse(n) for n in config["query_noise"]], 0.5, CONFIG.seed)
+        draws = query_noise_draws(12, [Noise.parse(n) for n in config["query_noise"]], 0.5, SEED)
     batches = planned(steps=3, noise=draws, **sampler)
     model = load(tiny_model_dir)
     before = {name: w.clone() for name, w in model.state_dict().items()}
     history = []
     run = train.TrainRun(log=lambda step, metrics: history.append(metrics))
-    summary = train.train(model, batches, replace(CONFIG, **config), run)
+    summary = train.train(model, batches, replace(CONFIG, **config), SEED, run)
     assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["final_loss"]))
     assert any(not torch.equal(w, before[name]) for name, w in model.state_dict().items())
     if "adversarial_weight" in config:
@@ -234,6 +242,7 @@ def test_the_tiny_model_trains_a_few_steps_with_each_option(tiny_model_dir, samp
         assert summary["final_adversary_accuracy"] == pytest.approx(history[-1]["adversary_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_stage_trains_with_every_option_at_once(tmp_path, tiny_model_dir):
     cwd = stage_dir(
         tmp_path,
@@ -253,18 +262,21 @@ def test_the_stage_trains_with_every_option_at_once(tmp_path, tiny_model_dir):
     assert load(cwd / "models/retriever").encode(["query: hello"]).shape == (1, 32)
 
 
+@pytest.mark.slow
 def test_a_killed_adversarial_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     batches = planned(steps=4, schedule="multitask", negatives="paragraph")
     config = replace(CONFIG, adversarial_weight=0.5)
     uninterrupted = load(tiny_model_dir)
-    whole = train.train(uninterrupted, batches, config)
+    whole = train.train(uninterrupted, batches, config, SEED)
     checkpoint = tmp_path / "train.pt"
-    train.train(load(tiny_model_dir), batches, config, train.TrainRun(checkpoint, fingerprint="run", stop_after=3))
+    train.train(
+        load(tiny_model_dir), batches, config, SEED, train.TrainRun(checkpoint, fingerprint="run", stop_after=3, checkpoint_every=2)
+    )
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["step"] == 2 and saved["adversary"] is not None
     assert all("adversary_accuracy" in row for row in saved["history"])
     resumed = load(tiny_model_dir)
-    summary = train.train(resumed, batches, config, train.TrainRun(checkpoint, resume=True, fingerprint="run"))
+    summary = train.train(resumed, batches, config, SEED, train.TrainRun(checkpoint, resume=True, fingerprint="run", checkpoint_every=2))
     assert summary["resumed_from_step"] == 2
     assert summary["final_adversary_accuracy"] == pytest.approx(whole["final_adversary_accuracy"], abs=1e-6)
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
@@ -274,4 +286,4 @@ def test_a_killed_adversarial_run_resumes_to_the_same_weights(tiny_model_dir, tm
 def test_an_adversary_needs_two_languages_to_tell_apart(tiny_model_dir):
     batch = PlannedBatch(["query: a", "query: b"], ["passage: a", "passage: b"], query_langs=["en"] * 2, passage_langs=["en"] * 2)
     with pytest.raises(PipelineError, match=r"^params.yaml: train.adversarial_weight: the plan has one language \(en\)"):
-        train.train(load(tiny_model_dir), [batch], replace(CONFIG, adversarial_weight=0.5))
+        train.train(load(tiny_model_dir), [batch], replace(CONFIG, adversarial_weight=0.5), SEED)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.analysis.sweep import BASE_FILE, METRICS_FILE, plot_sweep, sweep_table
 from pipeline.common import PipelineError
-from pipeline.sweep import BASE_FILE, METRICS_FILE, plot_sweep, sweep_table
 
 FIGURES = ("mono_map", "cross_map", "multi_map", "rank_distance")
 
@@ -132,6 +132,7 @@ def experiments(tmp_path_factory):
     return dvc.api.exp_show(repo=str(repo))
 
 
+@pytest.mark.slow
 def test_sweep_table_reads_a_real_exp_show_table(experiments):
     columns = set().union(*experiments)
     # The premise: DVC prefixes every shared metric name, and the param another params file has too.

@@ -20,7 +20,7 @@ from pipeline import translate
 from pipeline.common import PipelineError, read_parquet, write_parquet
 from pipeline.contracts import CANDIDATES_SCHEMA, PAIRS_SCHEMA, QUESTIONS_SCHEMA
 from pipeline.fetch import parse_lareqa, parse_squad
-from pipeline.sources import MLQA_R, XQUAD_R
+from pipeline.sources.catalogue import MLQA_R, XQUAD_R
 from tests.helpers import REPO, mirror_file, write_params
 
 SQUAD_DOC = {
@@ -289,6 +289,7 @@ def test_quality_report_against_the_sources_human_translations(tiny_ct2, tmp_pat
     assert 0 <= metrics["bleu.de"] < 100 and 0 <= metrics["chrf++.de"] < 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "langs", "extra_env", "message"),
     [

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# docs/results/* and docs/results.md: every table and plot, from pipeline.compare and pipeline.grid over
+# docs/results/* and docs/results/appendix.md: every table and plot, from pipeline.analysis.compare and pipeline.analysis.grid over
 # the experiments named in docs/results.md. Run from the repository root of the clone that ran them
 # (`dvc exp ls` lists them), with this repository's code:  bash docs/results/make_results.sh [OUT_DOCS_DIR]
 set -eu
@@ -13,25 +13,25 @@ entries() {  # direction, then label:short pairs -> LABEL=exp for every finished
 }
 PAPER=("hybrid:hybrid" "X-X-mono:xx" "X-Y:xy" "per-pair:pair")
 NEW=("sequential:seq" "multitask:multitask" "neg-paragraph:negpar" "neg-query-lang:negql" "adversary:adversary" "noisy-queries:noisy")
-python -m pipeline.compare $(entries mx "${PAPER[@]}") --dataset xquad_r --out "$out/compare_mlqa_to_xquad" > /dev/null
-python -m pipeline.compare $(entries xm "${PAPER[@]}") --dataset mlqa_r --out "$out/compare_xquad_to_mlqa" > /dev/null
-python -m pipeline.compare $(entries mx "${PAPER[@]}" "${NEW[@]}") --against hybrid --dataset xquad_r --out "$out/strategies_mlqa_to_xquad" > /dev/null
-python -m pipeline.compare $(entries xm "${PAPER[@]}" "${NEW[@]}") --against hybrid --dataset mlqa_r --out "$out/strategies_xquad_to_mlqa" > /dev/null
+python -m pipeline.analysis.compare $(entries mx "${PAPER[@]}") --dataset xquad_r --out "$out/compare_mlqa_to_xquad" > /dev/null
+python -m pipeline.analysis.compare $(entries xm "${PAPER[@]}") --dataset mlqa_r --out "$out/compare_xquad_to_mlqa" > /dev/null
+python -m pipeline.analysis.compare $(entries mx "${PAPER[@]}" "${NEW[@]}") --against hybrid --dataset xquad_r --out "$out/strategies_mlqa_to_xquad" > /dev/null
+python -m pipeline.analysis.compare $(entries xm "${PAPER[@]}" "${NEW[@]}") --against hybrid --dataset mlqa_r --out "$out/strategies_xquad_to_mlqa" > /dev/null
 # The strategies again at temperature 0.01, the default since #20 (runs named mx01-*).
 T01=("hybrid:hybrid" "X-X-mono:xx" "X-Y:xy" "sequential:seq" "multitask:multitask" "neg-query-lang:negql")
-python -m pipeline.compare $(entries mx01 "${T01[@]}") --against hybrid --dataset xquad_r --out "$out/strategies_t01_mlqa_to_xquad" > /dev/null
-python -m pipeline.grid --num -1 --match 'mx01-*' --group seed --dataset xquad_r --out "$out/summary_t01_mlqa_to_xquad" > /dev/null
-python -m pipeline.grid --num -1 --match 'mx-*' --group seed --dataset xquad_r --out "$out/summary_mlqa_to_xquad" > /dev/null
-python -m pipeline.grid --num -1 --match 'xm-*' --group seed --dataset mlqa_r --out "$out/summary_xquad_to_mlqa" > /dev/null
+python -m pipeline.analysis.compare $(entries mx01 "${T01[@]}") --against hybrid --dataset xquad_r --out "$out/strategies_t01_mlqa_to_xquad" > /dev/null
+python -m pipeline.analysis.grid --num -1 --match 'mx01-*' --group seed --dataset xquad_r --out "$out/summary_t01_mlqa_to_xquad" > /dev/null
+python -m pipeline.analysis.grid --num -1 --match 'mx-*' --group seed --dataset xquad_r --out "$out/summary_mlqa_to_xquad" > /dev/null
+python -m pipeline.analysis.grid --num -1 --match 'xm-*' --group seed --dataset mlqa_r --out "$out/summary_xquad_to_mlqa" > /dev/null
 drops=$(for n in typo_0.05 typo_0.15 no_diacritics lowercase; do echo -n "noise.$n.multi_drop,"; done)
-python -m pipeline.grid --num -1 --match 'mx-*' --group seed --dataset xquad_r --figures "noise.clean.multi_map,${drops%,}" --out "$out/robustness_mlqa_to_xquad" > /dev/null
-# docs/results.md: results.template.md with each {{name}} replaced by docs/results/<name>.md
+python -m pipeline.analysis.grid --num -1 --match 'mx-*' --group seed --dataset xquad_r --figures "noise.clean.multi_map,${drops%,}" --out "$out/robustness_mlqa_to_xquad" > /dev/null
+# docs/results/appendix.md: appendix.template.md with each {{name}} replaced by docs/results/<name>.md
 python - "$docs" <<'PY'
 import re, sys
 from pathlib import Path
 docs = Path(sys.argv[1])
-template = (docs / "results" / "results.template.md").read_text(encoding="utf-8")
+template = (docs / "results" / "appendix.template.md").read_text(encoding="utf-8")
 include = lambda m: (docs / "results" / f"{m.group(1)}.md").read_text(encoding="utf-8").strip()
-(docs / "results.md").write_text(re.sub(r"\{\{(\w+)\}\}", include, template), encoding="utf-8")
-print("wrote", docs / "results.md")
+(docs / "results" / "appendix.md").write_text(re.sub(r"\{\{(\w+)\}\}", include, template), encoding="utf-8")
+print("wrote", docs / "results" / "appendix.md")
 PY

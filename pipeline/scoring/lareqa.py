@@ -19,7 +19,7 @@
 One score matrix per block of queries against the whole multilingual pool serves all
 three settings, so memory stays flat as pools grow. Every figure is a mean of the
 per-query results (`TaskScores.queries`, the rows of `metrics/eval_queries/`), so the
-paired statistics of `pipeline/compare.py` work on exactly what the headline reports.
+paired statistics of `pipeline/analysis/compare.py` work on exactly what the headline reports.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import pandas as pd
 
 from pipeline.common import PipelineError
 from pipeline.contracts import QUERIES_SCHEMA
-from pipeline.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
-from pipeline.resource_classes import mean_by_class, resource_class
+from pipeline.scoring.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
+from pipeline.sources.resource_classes import mean_by_class, resource_class
 
 # Scores held at once (64 MiB of float32): queries are scored in blocks of
 # SCORE_BUDGET // pool size against the whole multilingual pool, so a pool 10x

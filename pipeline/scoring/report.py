@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.lareqa import SETTINGS, TaskScores
+from pipeline.scoring.lareqa import SETTINGS, TaskScores
 
 
 def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], plots_dir: Path) -> None:

@@ -23,8 +23,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.common import PipelineError, atomic_path, first_line, param
-from pipeline.resource_classes import has_class, mean_by_class
+from pipeline.common import PipelineError, atomic_path, first_line
+from pipeline.params import EvaluateParams, ModelParams
+from pipeline.sources.resource_classes import has_class, mean_by_class
 
 RETRIEVAL_TYPES = ("Retrieval", "Reranking")
 RETRIEVAL_SCORES = ("ndcg_at_10", "recall_at_100")  # the main score of MTEB retrieval, and how much a reranker could recover
@@ -49,27 +50,27 @@ class MtebPlan:
     batch_size: int
 
 
-def plan_mteb(params: dict, model_dir: str, results_root: str) -> MtebPlan | None:
+def plan_mteb(evaluate: EvaluateParams, model: ModelParams, model_dir: str, results_root: str, batch_size: int) -> MtebPlan | None:
     """The MTEB tasks and benchmarks params.yaml asks for (None if none), checked before any model is loaded."""
     try:  # a DVC out: there after every run, MTEB or not
         Path(results_root).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise PipelineError(f"{results_root}: cannot write there ({err.strerror or first_line(err)})") from None
-    task_names = param(params, "evaluate.mteb_tasks") or []
-    benchmark_names = param(params, "evaluate.mteb_benchmarks") or []
+    task_names = list(evaluate.mteb_tasks or [])
+    benchmark_names = list(evaluate.mteb_benchmarks or [])
     if not task_names and not benchmark_names:
         return None
-    langs = param(params, "evaluate.mteb_langs")
+    langs = list(evaluate.mteb_langs) if evaluate.mteb_langs else None
     check_langs(langs)
     benchmarks = resolve_benchmarks(benchmark_names, langs)
     tasks = merge_tasks(resolve_tasks(task_names, langs) + [task for benchmark in benchmarks for task in benchmark.tasks])
-    prefixes = (param(params, "model.query_prefix"), param(params, "model.passage_prefix"))
-    results_dir = Path(results_root) / encoding_key(model_dir, prefixes, param(params, "model.max_length"))
+    prefixes = (model.query_prefix, model.passage_prefix)
+    results_dir = Path(results_root) / encoding_key(model_dir, prefixes, model.max_length)
     finished = {task.metadata.name: result for task in tasks if (result := load_result(results_dir, task))}
     waiting = [task for task in tasks if task.metadata.name not in finished and not task.is_aggregate]
     if waiting:  # the hub is reachable (or the data cached) before hours of work
         load_task_data(waiting[0])
-    return MtebPlan(tasks, benchmarks, results_dir, finished, prefixes, param(params, "evaluate.batch_size"))
+    return MtebPlan(tasks, benchmarks, results_dir, finished, prefixes, batch_size)
 
 
 def leave_note(results_root: str) -> None:
@@ -293,20 +294,16 @@ def language_scores(result) -> dict[str, float]:
 
 
 def benchmark_report(benchmark, results: dict) -> dict:
-    """A benchmark's mean main score over its tasks (`mean`), per task type (`mean_by_type`) and
-    over those types (`mean_over_types`), as MTEB's leaderboard aggregates them: a task counts once,
-    with TaskResult.get_score() - the mean over its subsets and splits - after
-    TaskResult.validate_and_filter_scores keeps the benchmark's own subsets and splits
-    (ModelResult.select_tasks); then Mean(Task), the task-type means and Mean(TaskType) of
-    mteb/benchmarks/_benchmark_metrics.py (_compute_mean_task, _compute_task_types,
-    _compute_mean_task_type)."""
-    by_type: dict[str, list[float]] = defaultdict(list)
-    for task in benchmark.tasks:
-        by_type[task.metadata.type].append(float(results[task.metadata.name].validate_and_filter_scores(task).get_score()))
-    type_means = {kind: sum(scores) / len(scores) for kind, scores in sorted(by_type.items())}
-    task_scores = [score for scores in by_type.values() for score in scores]
+    """A benchmark's mean main score over its tasks (`mean`), per task type (`mean_by_type`) and over
+    those types (`mean_over_types`), by mteb's own leaderboard aggregation (BenchmarkAggregation's
+    MEAN_TASK, TASK_TYPES and MEAN_TASK_TYPE) of each task's TaskResult after
+    `validate_and_filter_scores` keeps the benchmark's own subsets and splits."""
+    from mteb.benchmarks.benchmark import BenchmarkAggregation
+
+    selected = [results[task.metadata.name].validate_and_filter_scores(task) for task in benchmark.tasks]
+    by_type = BenchmarkAggregation.TASK_TYPES.aggregate(selected)
     return {
-        "mean": round(sum(task_scores) / len(task_scores), 6),
-        "mean_by_type": {kind: round(score, 6) for kind, score in type_means.items()},
-        "mean_over_types": round(sum(type_means.values()) / len(type_means), 6),
+        "mean": round(float(BenchmarkAggregation.MEAN_TASK.aggregate(selected)["Mean(Task)"]), 6),
+        "mean_by_type": {kind: round(float(score), 6) for kind, score in sorted(by_type.items())},
+        "mean_over_types": round(float(BenchmarkAggregation.MEAN_TASK_TYPE.aggregate(selected)["Mean(TaskType)"]), 6),
     }

@@ -1,6 +1,6 @@
 """Data-parallel training on torch.distributed: the process group, collectives, and the torchrun launch.
 
-Under `torchrun` (or with `train.processes` > 1, which launches it) every rank embeds
+Under `torchrun` (or with HYBRIDIR_PROCESSES > 1, which launches it) every rank embeds
 its slice of each planned batch; passages and hard negatives are gathered so each query
 is still scored against the whole planned batch, and weight gradients (the language
 adversary's too) are averaged, so N processes
@@ -97,7 +97,7 @@ def init_world(timeout_s: float) -> World:
     except Exception as err:  # DistStoreError, RuntimeError, ValueError: all mean no process group
         raise PipelineError(
             f"torch.distributed: no process group of {size} at {where} within {timeout_s:g} s "
-            f"(train.rendezvous_timeout_s): {first_line(err)}"
+            f"(HYBRIDIR_RENDEZVOUS_TIMEOUT_S): {first_line(err)}"
         ) from None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -133,7 +133,9 @@ def relaunch_under_torchrun(processes: int, module: str, argv: list[str]) -> int
 def check_scale_out(world_size: int, batch_size: int, chunk_size: int | None) -> None:
     """Errors a distributed or cached-gradient run would otherwise meet only after start-up."""
     if batch_size % world_size:
-        raise PipelineError(f"params.yaml: sampler.batch_size: {batch_size} is not divisible by the {world_size} processes")
+        raise PipelineError(
+            f"params.yaml: sampler.batch_size: {batch_size} is not divisible by the {world_size} processes (HYBRIDIR_PROCESSES)"
+        )
     if chunk_size is not None and chunk_size > batch_size // world_size:
         raise PipelineError(
             f"params.yaml: train.chunk_size: {chunk_size} is larger than the {batch_size // world_size} "

@@ -1,42 +1,53 @@
-"""One schema for the whole of params.yaml: every parameter's type, range and meaning.
+"""params.yaml: one schema for every parameter, read once into typed per-stage configs.
 
-`validate(params)` checks a loaded params.yaml against SCHEMA and raises a one-line
-PipelineError naming the first problem, in this order: unknown keys (a REPLACED one says
-what replaced it, others get the closest known name: a misspelt key does nothing
-otherwise), missing parameters, each parameter's type and value, then the RULES that tie
-parameters together (plan size, processes, fetched datasets, languages). Booleans are not integers, integers are
-accepted where numbers are expected, NaN and infinities are refused everywhere.
+`load_params(path)` reads params.yaml as DVC does (ruamel.yaml, YAML 1.2: `3e-05` is a
+number; a key given twice is refused, where a YAML 1.1 reader would silently keep the
+last), checks it whole against SCHEMA and returns a frozen `Params`: one dataclass per
+group (`params.sampler.ratio`, `params.train.lr`), so no stage looks a value up by string
+or checks it again. `validate` raises a one-line PipelineError naming the first problem,
+in this order: unknown keys (a REPLACED one says what replaced it, others get the closest
+known name: a misspelt key does nothing otherwise), missing parameters, each parameter's
+type and value, then the RULES that tie parameters together (plan size, fetched datasets,
+languages). Booleans are not integers, integers are accepted where numbers are expected,
+NaN and infinities are refused everywhere.
+
+Only what changes a result is a parameter. How a run executes on this machine (processes,
+checkpoint interval, rendezvous timeout, encoding batch size) is read from environment
+variables by `execution()` (EXECUTION): DVC does not track them, so a CPU run and a GPU
+run of one recipe are one experiment, and changing one reruns nothing.
 
 Tables are read from the modules that own them, never copied: NLLB language codes
-(languages), sampler schedules, orders and negatives modes (contracts: the plan is
-stamped with them), noise names (noise.Noise.parse), sources (sources), CTranslate2
-quantization types (ctranslate2's converter, imported only when a type other than auto
-is asked for).
+(sources.languages), sampler schedules, orders, negatives modes and noise names
+(contracts: the plan and the metrics are stamped with them), sources (sources.catalogue),
+CTranslate2 quantization types (ctranslate2's converter, imported only when a type other
+than auto is asked for).
 
-Adding a parameter to params.yaml is one line in SCHEMA; tests/test_params_schema.py
-fails until it has one, and until the new parameter has a bad-value case there.
+Adding a parameter to params.yaml is one line in SCHEMA and one field in its group's
+dataclass; tests/test_params_schema.py fails until both exist, and until the new parameter
+has a bad-value case there.
 
-    python -m pipeline.params_schema [--params params.yaml] [--list]
+    python -m pipeline.params [--params params.yaml] [--list]
 
-validates a params file (a DVC stage that depends on the whole of params.yaml), or
-lists the schema.
+is the `params` stage: it validates params.yaml before any other stage runs (every stage
+depends on its output, whose content never changes, so an edit reruns only the stages
+that use the edited parameter), or lists the schema.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
-from pipeline.common import PipelineError, load_params, run_stage, stage_parser
-from pipeline.contracts import NEGATIVE_MODES, SAMPLER_ORDERS, SAMPLER_SCHEDULES
-from pipeline.languages import NLLB_CODES
-from pipeline.machine import PRECISIONS
-from pipeline.noise import Noise
-from pipeline.sources import LAREQA_SOURCES, SQUAD_SOURCES
+from pipeline.common import PipelineError, atomic_path, run_stage, stage_parser
+from pipeline.contracts import NEGATIVE_MODES, PARAMS_CHECKED_PATH, PRECISIONS, SAMPLER_ORDERS, SAMPLER_SCHEDULES, Noise
+from pipeline.sources.catalogue import LAREQA_SOURCES, SQUAD_SOURCES
+from pipeline.sources.languages import NLLB_CODES
 
 # steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
 # turns every row into its query and passage texts before the first step.
@@ -135,7 +146,6 @@ SCHEMA: dict[str, Spec] = {
     "model.passage_prefix": string("put before every passage", empty_ok=True),
     "evaluate.datasets": list_of(string(noun="dataset name", choices=lambda: sorted(LAREQA_SOURCES)), "LAReQA datasets evaluated"),
     "evaluate.langs": list_of(string(noun="language code"), "languages evaluated", nullable=True, null_means="every language of the dataset"),
-    "evaluate.batch_size": integer("texts per encoding batch", lo=1),
     "evaluate.precision": string("auto, fp32 or bf16 autocast of encoding", choices=lambda: PRECISIONS),
     "evaluate.noise": list_of(string(noun="noise name", check=_noise), "query perturbations of the robustness report", nullable=True, null_means="off", empty_ok=True),
     "evaluate.noise_queries": integer("queries perturbed per language", lo=1, nullable=True, null_means="every query"),
@@ -161,12 +171,9 @@ SCHEMA: dict[str, Spec] = {
     "train.temperature": number("InfoNCE temperature", lo=0, lo_open=True),
     "train.warmup_ratio": number("share of steps of linear warm-up", lo=0, hi=1),
     "train.weight_decay": number("AdamW weight decay", lo=0),
-    "train.checkpoint_every": integer("steps between checkpoints", lo=1),
     "train.freeze_embeddings": boolean("keep the token embedding table fixed"),
-    "train.processes": integer("data-parallel processes on this machine", lo=1),
     "train.chunk_size": integer("pairs per forward pass with cached gradients", lo=1, nullable=True, null_means="the whole batch at once"),
     "train.precision": string("auto, fp32 or bf16 autocast of the forward passes", choices=lambda: PRECISIONS),
-    "train.rendezvous_timeout_s": number("seconds distributed processes wait for each other", lo=0, lo_open=True, hi=86_400),
     "train.adversarial_weight": number("gradient-reversal weight of the language classifier (0 = off)", lo=0),
     "train.adversary_lr": number("the language classifier's peak learning rate", lo=0, lo_open=True),
     "train.query_noise": list_of(string(noun="noise name", check=_noise), "perturbations of training queries", empty_ok=True),
@@ -176,6 +183,10 @@ SCHEMA: dict[str, Spec] = {
 # Parameters that are gone, and what replaced them: a file that still has one gets this line.
 REPLACED = {
     "sampler.unit": "replaced by sampler.schedule (unit: batch -> schedule: hybrid, unit: pair -> schedule: pair)",
+    "train.processes": "an execution setting now, not a parameter: set HYBRIDIR_PROCESSES (remove it from params.yaml)",
+    "train.checkpoint_every": "an execution setting now, not a parameter: set HYBRIDIR_CHECKPOINT_EVERY (remove it from params.yaml)",
+    "train.rendezvous_timeout_s": "an execution setting now, not a parameter: set HYBRIDIR_RENDEZVOUS_TIMEOUT_S (remove it from params.yaml)",
+    "evaluate.batch_size": "an execution setting now, not a parameter: set HYBRIDIR_EVAL_BATCH_SIZE (remove it from params.yaml)",
 }
 
 # Group names ("sampler"), in the file's order.
@@ -344,17 +355,10 @@ def _plan_size(p: dict) -> tuple[str, str] | None:
     return None
 
 
-def _processes_split_batch(p: dict) -> tuple[str, str] | None:
-    batch, processes = p["sampler.batch_size"], p["train.processes"]
-    if batch % processes:
-        return "sampler.batch_size", f"{batch} is not divisible by the {processes} processes (train.processes)"
-    return None
-
-
 def _chunk_fits(p: dict) -> tuple[str, str] | None:
-    chunk, share, processes = p["train.chunk_size"], p["sampler.batch_size"] // p["train.processes"], p["train.processes"]
-    if chunk is not None and chunk > share:
-        return "train.chunk_size", f"{chunk} is larger than the {share} pairs each of the {processes} processes embeds per batch"
+    chunk, batch = p["train.chunk_size"], p["sampler.batch_size"]
+    if chunk is not None and chunk > batch:
+        return "train.chunk_size", f"{chunk} is larger than the {batch} pairs of a batch (sampler.batch_size)"
     return None
 
 
@@ -390,7 +394,7 @@ def _langs_in_datasets(p: dict) -> tuple[str, str] | None:
 
 
 RULES: list[Callable[[dict], tuple[str, str] | None]] = [
-    _plan_size, _processes_split_batch, _chunk_fits, _squad_needs_model, _source_lang_in_train, _datasets_fetched, _langs_in_datasets,
+    _plan_size, _chunk_fits, _squad_needs_model, _source_lang_in_train, _datasets_fetched, _langs_in_datasets,
 ]  # fmt: skip
 
 
@@ -437,14 +441,201 @@ def schema_lines() -> list[str]:
     return lines
 
 
+# --- typed configs: what the stages read ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataParams:
+    train: str
+    eval: tuple[str, ...]
+    squad: str
+    squad_split: str
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    base: str
+    max_length: int
+    query_prefix: str
+    passage_prefix: str
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    datasets: tuple[str, ...]
+    langs: tuple[str, ...] | None
+    precision: str
+    noise: tuple[str, ...] | None
+    noise_queries: int | None
+    noise_seed: int
+    mteb_tasks: tuple[str, ...] | None
+    mteb_benchmarks: tuple[str, ...] | None
+    mteb_langs: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class TranslateParams:
+    model: str | None
+    source_lang: str
+    langs: tuple[str, ...]
+    compute_type: str
+    beam_size: int
+    max_decoding_length: int
+    max_input_tokens: int
+    max_batch_tokens: int
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    ratio: float
+    schedule: str
+    order: str
+    batch_size: int
+    steps: int
+    negatives: str
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lr: float
+    temperature: float
+    warmup_ratio: float
+    weight_decay: float
+    freeze_embeddings: bool
+    chunk_size: int | None
+    precision: str
+    adversarial_weight: float
+    adversary_lr: float
+    query_noise: tuple[str, ...]
+    query_noise_rate: float
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml, checked; each group is what its stage reads."""
+
+    seed: int
+    data: DataParams
+    model: ModelParams
+    evaluate: EvaluateParams
+    translate: TranslateParams
+    sampler: SamplerParams
+    train: TrainParams
+
+
+GROUP_CLASSES = {
+    "data": DataParams, "model": ModelParams, "evaluate": EvaluateParams, "translate": TranslateParams,
+    "sampler": SamplerParams, "train": TrainParams,
+}  # fmt: skip
+
+
+def as_dict(group) -> dict:
+    """A group as plain values (tuples as lists), e.g. for the params a file is stamped with."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(group).items()}
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def build(params: dict, origin: str = "params.yaml") -> Params:
+    """Validate a loaded params mapping and turn it into `Params`."""
+    validate(params, origin)
+    groups = {name: cls(**{field.name: _frozen(params[name][field.name]) for field in fields(cls)}) for name, cls in GROUP_CLASSES.items()}
+    return Params(seed=params["seed"], **groups)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    """params.yaml as DVC reads it (ruamel.yaml, YAML 1.2), unchecked; one line for a file that is
+    missing, not YAML, not a mapping, or gives a key twice."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.constructor import DuplicateKeyError
+    from ruamel.yaml.error import MarkedYAMLError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: cannot read it ({err})") from None
+    try:
+        params = YAML(typ="safe", pure=True).load(text)
+    except DuplicateKeyError as err:
+        mark = err.problem_mark
+        raise PipelineError(
+            f"{path}: line {mark.line + 1}: {err.problem.split(' with value')[0]} (given twice in one group: "
+            f"DVC refuses the file, and which value would count is a guess)"
+        ) from None
+    except MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise PipelineError(f"{path}: not valid YAML{where} ({err.problem or err.context})") from None
+    if not isinstance(params, dict):
+        raise PipelineError(f"{path}: expected a mapping of parameter groups, got {describe(params)}")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """params.yaml, read as DVC reads it and checked whole against the schema before any work."""
+    return build(read_params(path), origin=str(path))
+
+
+# --- execution settings: how a run executes here, never what it computes ---------------
+
+
+@dataclass(frozen=True)
+class Execution:
+    processes: int = 1  # data-parallel processes of `train` on this machine (torchrun); the batch must divide evenly
+    checkpoint_every: int = 50  # training steps between checkpoints
+    rendezvous_timeout_s: float = 300.0  # how long distributed processes wait for each other
+    eval_batch_size: int = 16  # texts per encoding batch: 16 is fastest on a 2-core CPU; raise it on a GPU
+
+
+EXECUTION: dict[str, tuple[str, Spec]] = {
+    "HYBRIDIR_PROCESSES": ("processes", integer("data-parallel processes of train on this machine", lo=1)),
+    "HYBRIDIR_CHECKPOINT_EVERY": ("checkpoint_every", integer("training steps between checkpoints", lo=1)),
+    "HYBRIDIR_RENDEZVOUS_TIMEOUT_S": ("rendezvous_timeout_s", number("seconds distributed processes wait for each other", lo=0, lo_open=True, hi=86_400)),
+    "HYBRIDIR_EVAL_BATCH_SIZE": ("eval_batch_size", integer("texts per encoding batch", lo=1)),
+}  # fmt: skip
+
+
+def _env_value(text: str, spec: Spec) -> Any:
+    """An environment variable's text as the spec's kind (left as text where it is not one, for the error)."""
+    try:
+        return int(text) if spec.kind == "int" else float(text)
+    except ValueError:
+        return text
+
+
+def execution(environ: Mapping[str, str] | None = None) -> Execution:
+    """The execution settings of this process: Execution's defaults, overridden by HYBRIDIR_* variables."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for variable, (name, spec) in EXECUTION.items():
+        if variable in environ:
+            value = _env_value(environ[variable].strip(), spec)
+            error = _value_error(variable, value, spec)
+            if error:
+                raise PipelineError(f"environment: {error}")
+            values[name] = value
+    return Execution(**values)
+
+
+CHECKED_NOTE = "params.yaml conforms to pipeline/params.py's schema\n"  # constant: see the module docstring
+
+
 def main() -> None:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, out=str(PARAMS_CHECKED_PATH))
     parser.add_argument("--list", action="store_true", help="print the schema instead")
     args = parser.parse_args()
     if args.list:
         print("\n".join(schema_lines()))
         return
     load_params(args.params)  # validates it
+    execution()  # and the execution settings of this environment
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(CHECKED_NOTE, encoding="utf-8")
     print(f"{args.params}: {len(SCHEMA)} parameters OK")
 
 

@@ -1,6 +1,6 @@
 """The noisy-query robustness report: the LAReQA settings clean and under each query noise.
 
-A seeded sample of queries per language is perturbed (pipeline/noise.py) and scored
+A seeded sample of queries per language is perturbed (pipeline/scoring/noise.py) and scored
 again in all three settings against the same pool embeddings; only the queries a noise
 changed are re-encoded, never the pool.
 """
@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.common import param
-from pipeline.encoding import encode_unique
-from pipeline.lareqa import SETTINGS, RetrievalTask, sample_queries, score_task, settings_of, subset_queries
-from pipeline.noise import Noise, perturb
+from pipeline.scoring.encoding import encode_unique
+from pipeline.scoring.lareqa import SETTINGS, RetrievalTask, sample_queries, score_task, settings_of, subset_queries
+from pipeline.scoring.noise import Noise, perturb
 
 
 def noise_robustness(
@@ -57,9 +56,3 @@ def noise_robustness(
             "unchanged_by_lang": {lang: int(n) for lang, n in unchanged.items()},
         }
     return report
-
-
-def noise_params(params: dict) -> tuple[list[Noise], int | None, int]:
-    """evaluate.noise as Noise objects, evaluate.noise_queries and evaluate.noise_seed (checked by the schema)."""
-    noises = [Noise.parse(name) for name in param(params, "evaluate.noise") or []]
-    return noises, param(params, "evaluate.noise_queries"), param(params, "evaluate.noise_seed")

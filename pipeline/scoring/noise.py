@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import random
 import unicodedata
-from dataclasses import dataclass
 
-NOISE_KINDS = ("typo", "no_diacritics", "lowercase")
+from pipeline.contracts import Noise
+
 # Combining marks are stripped only from letters of these scripts (accents, tonos, breve,
 # cedilla...). Elsewhere a combining mark is part of the letter: Devanagari and Thai vowel
 # signs, for instance, so Hindi and Thai queries are left unchanged (and counted).
@@ -26,30 +26,6 @@ OPTIONAL_POINTS = [(0x064B, 0x0652), (0x0670, 0x0670), (0x0591, 0x05C7)]
 # The breve of Cyrillic й and ў makes another letter, which no writer drops (ё -> е, they do).
 KEPT_MARKS = {("CYRILLIC", "\u0306")}
 TYPO_EDITS = ("insert", "delete", "swap", "substitute")
-
-
-@dataclass(frozen=True)
-class Noise:
-    """One perturbation as named in params.yaml: `typo_<rate>`, `no_diacritics` or `lowercase`."""
-
-    name: str
-    kind: str
-    rate: float | None = None  # typo: probability that a letter gets an edit
-
-    @classmethod
-    def parse(cls, name: str) -> Noise:
-        if name in ("no_diacritics", "lowercase"):
-            return cls(name, name)
-        kind, _, rate = str(name).partition("_")
-        if kind == "typo":
-            try:
-                value = float(rate)
-            except ValueError:
-                value = -1.0
-            if 0 < value <= 1:
-                return cls(name, kind, value)
-            raise ValueError(f"'{name}': a typo rate must be a number in (0, 1], e.g. typo_0.05")
-        raise ValueError(f"unknown noise '{name}' (known: typo_<rate>, no_diacritics, lowercase)")
 
 
 def typo(text: str, rate: float, rng: random.Random) -> str:

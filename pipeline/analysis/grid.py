@@ -1,10 +1,10 @@
 """The table of a search: every experiment's changed params and figures, and its frontier.
 
-    python -m pipeline.grid [--match 'g-*'] [--num 1] [--dataset xquad_r] [--figures mono_map,...]
+    python -m pipeline.analysis.grid [--match 'g-*'] [--num 1] [--dataset xquad_r] [--figures mono_map,...]
                             [--group seed] [--out docs/grid] [--csv GRID.csv ...]
 
 Reads every experiment of the last `--num` commits (-1: all) through `dvc.api.exp_show`
-(as `pipeline.sweep` does), keeps those whose name matches `--match` (a glob), and writes
+(as `pipeline.analysis.sweep` does), keeps those whose name matches `--match` (a glob), and writes
 `<out>.md` and `<out>.csv`: one row per experiment with the params that differ between
 the kept runs, the fine-tuned model's headline figures and their change from the zero-shot
 base, and whether the run is on the frontier (no other run is at least as good on Mo.,
@@ -25,21 +25,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.analysis.runs import BASE_FILE, METRICS_FILE, SUMMARY_FIGURES, exp_metric, exp_param, figure_label, lower_is_better
 from pipeline.common import PipelineError, run_stage, write_figure, write_report
-from pipeline.params_schema import SCHEMA
-from pipeline.sweep import BASE_FILE, METRICS_FILE, exp_metric, exp_param
-
-FIGURES = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP", "rank_distance": "rank distance"}
-
-
-def lower_is_better(figure: str) -> bool:
-    """Rank distance and the drops under noise are better low; every mAP high."""
-    return figure == "rank_distance" or figure.endswith("_drop")
+from pipeline.params import SCHEMA
 
 
 def grid_table(experiments: list[dict], dataset: str, match: str = "*", figures: list[str] | None = None) -> pd.DataFrame:
     """One row per named, finished experiment matching `match`: changed params, figures, base figures."""
-    figures = figures or list(FIGURES)
+    figures = figures or list(SUMMARY_FIGURES)
     rows = []
     for exp in experiments:
         name = exp.get("Experiment")
@@ -119,10 +112,10 @@ def frontier(figures: pd.DataFrame) -> np.ndarray:
 
 def markdown(table: pd.DataFrame, dataset: str, figures: list[str]) -> str:
     params = list(table.columns[1 : table.columns.get_loc("runs")])
-    head = ["experiment", *params, "runs", *(f"{FIGURES.get(f, f)} (Δ base)" for f in figures), "frontier"]
+    head = ["experiment", *params, "runs", *(f"{figure_label(f)} (Δ base)" for f in figures), "frontier"]
     spread = " ± sd over runs," if (table["runs"] > 1).any() else ""
     lines = [
-        f"{dataset}: {len(table)} rows, best {FIGURES.get(figures[0], figures[0])} first;{spread} Δ base = change from the zero-shot base",
+        f"{dataset}: {len(table)} rows, best {figure_label(figures[0])} first;{spread} Δ base = change from the zero-shot base",
         "",
     ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -162,7 +155,7 @@ def plot_frontier(table: pd.DataFrame, path: Path, dataset: str):
             ax.annotate(row["experiment"], (row[key], row["mono_map"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         base = table[[f"base_{key}", "base_mono_map"]].dropna().drop_duplicates()
         ax.scatter(base[f"base_{key}"], base["base_mono_map"], marker="*", s=120, color="C3", label="zero-shot base")
-        ax.set_xlabel(FIGURES[key] + (" (lower is better)" if lower_is_better(key) else ""))
+        ax.set_xlabel(figure_label(key) + (" (lower is better)" if lower_is_better(key) else ""))
         ax.set_ylabel("Mo. mAP")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -177,7 +170,7 @@ def main() -> None:
     parser.add_argument("--match", default="*", help="glob over experiment names")
     parser.add_argument("--num", type=int, default=1, help="experiments of the last NUM commits (-1: all)")
     parser.add_argument("--dataset", default="xquad_r")
-    parser.add_argument("--figures", default=",".join(FIGURES), help="comma-separated metric names under the dataset")
+    parser.add_argument("--figures", default=",".join(SUMMARY_FIGURES), help="comma-separated metric names under the dataset")
     parser.add_argument("--group", default=None, help="pool runs that differ only in this param (e.g. seed)")
     parser.add_argument("--out", default="docs/grid")
     parser.add_argument("--csv", nargs="+", type=Path, help="read these benchmarks/in_process_grid.py CSVs instead of experiments")

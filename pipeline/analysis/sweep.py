@@ -2,7 +2,7 @@
 
 Run after a sweep (README, Experiments):
 
-    python -m pipeline.sweep [--dataset xquad_r] [--out metrics/sweep]
+    python -m pipeline.analysis.sweep [--dataset xquad_r] [--out metrics/sweep]
 
 It reads every experiment of the current commit through `dvc.api.exp_show` and writes
 `<out>.csv` (one row per experiment) and `<out>.png`: one line per `sampler.schedule`
@@ -17,31 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.analysis.runs import BASE_FILE, METRICS_FILE, SUMMARY_FIGURES, exp_metric, exp_param, figure_label, number
 from pipeline.common import PipelineError, atomic_path, run_stage, write_figure
-
-FIGURES = {"mono_map": "Mo. mAP", "cross_map": "Cr. mAP", "multi_map": "Mul. mAP", "rank_distance": "rank distance"}
-METRICS_FILE = "metrics/eval.json"  # the fine-tuned model's figures
-BASE_FILE = "metrics/eval_base.json"  # the zero-shot base's: the same names
-PARAMS_FILE = "params.yaml"
-
-
-def _number(value) -> float | None:
-    """A metric's value, or None where exp show has none ('!' = the file could not be read)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def exp_metric(exp: dict, name: str, file: str, unprefixed: str) -> float | None:
-    """`name` from `file`'s column. `dvc exp show` prefixes a name with `file:` when several
-    files have it (eval.json and eval_base.json share every name); a bare name is one file's
-    only, and `unprefixed` says which (see main), so eval_base's is never taken for eval.json's."""
-    if f"{file}:{name}" in exp:
-        return _number(exp[f"{file}:{name}"])
-    return _number(exp.get(name)) if unprefixed == file else None
-
-
-def exp_param(exp: dict, name: str):
-    """A param's column: bare, or `params.yaml:name` where another params file has the name too."""
-    return exp[name] if name in exp else exp.get(f"{PARAMS_FILE}:{name}")
 
 
 def _schedule(exp: dict) -> str:
@@ -59,11 +36,11 @@ def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS
     in favour of the named one."""
     rows = []
     for exp in experiments:
-        ratio = _number(exp_param(exp, "sampler.ratio"))
-        figures = {key: exp_metric(exp, f"{dataset}.{key}", METRICS_FILE, unprefixed) for key in FIGURES}
+        ratio = number(exp_param(exp, "sampler.ratio"))
+        figures = {key: exp_metric(exp, f"{dataset}.{key}", METRICS_FILE, unprefixed) for key in SUMMARY_FIGURES}
         if ratio is None or figures["multi_map"] is None:
             continue  # queued, failed, or evaluated on other datasets
-        figures |= {f"base_{key}": exp_metric(exp, f"{dataset}.{key}", BASE_FILE, unprefixed) for key in FIGURES}
+        figures |= {f"base_{key}": exp_metric(exp, f"{dataset}.{key}", BASE_FILE, unprefixed) for key in SUMMARY_FIGURES}
         rows.append(
             {
                 "experiment": exp.get("Experiment") or exp.get("rev"),
@@ -76,7 +53,7 @@ def sweep_table(experiments: list[dict], dataset: str, unprefixed: str = METRICS
     if not rows:
         raise PipelineError(f"no finished experiment has {dataset} metrics in {METRICS_FILE} (run the sweep in README first)")
     table = pd.DataFrame(rows).sort_values("named", ascending=False, kind="stable")
-    table = table.drop_duplicates(["ratio", "schedule", *FIGURES]).drop(columns="named")
+    table = table.drop_duplicates(["ratio", "schedule", *SUMMARY_FIGURES]).drop(columns="named")
     return table.sort_values(["schedule", "ratio"], kind="stable").reset_index(drop=True)
 
 
@@ -88,18 +65,18 @@ def plot_sweep(table: pd.DataFrame, path: Path, dataset: str, base: dict | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(FIGURES), figsize=(4 * len(FIGURES), 3.4))
-    for ax, (key, label) in zip(axes, FIGURES.items()):
+    fig, axes = plt.subplots(1, len(SUMMARY_FIGURES), figsize=(4 * len(SUMMARY_FIGURES), 3.4))
+    for ax, key in zip(axes, SUMMARY_FIGURES):
         for schedule, rows in table.groupby("schedule"):
             style = "s" if schedule == "pair" else "o-"
             ax.plot(rows["ratio"], rows[key], style, label=f"schedule={schedule}")
         levels = sorted(set(table[f"base_{key}"].dropna())) if f"base_{key}" in table else []
-        if not levels and base and _number(base.get(key)) is not None and not math.isnan(base[key]):
+        if not levels and base and number(base.get(key)) is not None and not math.isnan(base[key]):
             levels = [base[key]]
         for i, level in enumerate(levels):  # one level unless runs used different base models
             ax.axhline(level, color="grey", linestyle="--", label="zero-shot base" if i == 0 else None)
         ax.set_xlabel("sampler.ratio (share of monolingual batches)")
-        ax.set_title(f"{dataset}: {label}")
+        ax.set_title(f"{dataset}: {figure_label(key)}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

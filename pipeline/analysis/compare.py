@@ -1,6 +1,6 @@
 """Compare runs per query: headline differences with paired-bootstrap intervals and randomization p-values.
 
-    python -m pipeline.compare A B [C ...] [--dataset xquad_r] [--queries-dir metrics/eval_queries]
+    python -m pipeline.analysis.compare A B [C ...] [--dataset xquad_r] [--queries-dir metrics/eval_queries]
                                [--out docs/compare] [--group seed] [--against A] [--resamples 10000] [--seed 0]
 
 Each entry is a DVC experiment name, a git revision or `workspace`, optionally followed by
@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from scipy import stats
 
-from pipeline.common import PipelineError, first_line, read_parquet, run_stage, write_figure, write_report
-from pipeline.contracts import QUERIES_SCHEMA
+from pipeline.analysis.runs import figure_label, flatten, label_groups, parse_entry, read_queries
+from pipeline.common import PipelineError, first_line, run_stage, write_figure, write_report
 
 # Headline figure -> (setting, column): each is a macro-average over the setting's cells
 # (mono: languages X of (X, X); cross: ordered pairs X != Y; multi: query languages X) of
@@ -47,20 +45,6 @@ FIGURES = {
     "multi_recall_at_10": ("multi", "recall_at_10"),
     "rank_distance": ("multi", "rank_distance"),
 }
-LABELS = {
-    "mono_map": "Mo. mAP",
-    "cross_map": "Cr. mAP",
-    "multi_map": "Mul. mAP",
-    "multi_recall_at_10": "Mul. R@10",
-    "rank_distance": "rank distance",
-}
-# The per-query columns compared: files written before columns were added still compare.
-COMPARED_SCHEMA = pa.schema(
-    [
-        QUERIES_SCHEMA.field(name)
-        for name in ("setting", "query_lang", "passage_lang", "question_id", "ap", "recall_at_1", "recall_at_10", "rank_distance")
-    ]
-)
 ALPHA = 0.05
 BATCH = 1000  # resamples per vectorized call: a [BATCH, n_ids] weight matrix stays ~10 MiB
 
@@ -289,15 +273,6 @@ def _seed_summary(side: str, figures: np.ndarray) -> dict:
     return {f"{side}_seeds": len(figures), f"{side}_seeds_mean": float(np.mean(figures)), f"{side}_seeds_sd": sd}
 
 
-def flatten(params: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}, as `dvc exp show` names params."""
-    out = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        out.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
-    return out
-
-
 def group_entries(names: list[str], params: dict[str, dict], key: str = "seed") -> list[tuple[str, list[str]]]:
     """Pool entries whose params are equal except `key`: [(label, members)] in order of appearance.
 
@@ -318,61 +293,6 @@ def group_entries(names: list[str], params: dict[str, dict], key: str = "seed") 
     return [(label, groups[g]) for label, g in zip(labels, keys)]
 
 
-def parse_entry(text: str, queries_dir: str) -> tuple[str | None, str, str]:
-    """'[LABEL=]REV[:DIR]' -> (label or None, rev, folder). Git refs cannot contain ':', and
-    experiment names cannot contain '=', so the splits are safe."""
-    label, sep, rest = text.partition("=")
-    if not sep:
-        label, rest = None, text
-    rev, _, folder = rest.partition(":")
-    return label, rev, folder or queries_dir
-
-
-def label_groups(entries: list[str], labels: list[str | None]) -> list[tuple[str, list[str]]]:
-    """Entries pooled by their LABEL= prefix, in order of first appearance (all or none labelled)."""
-    if None in labels:
-        unlabelled = entries[labels.index(None)]
-        raise PipelineError(f"{unlabelled}: no LABEL= prefix; label every entry or none")
-    groups: dict[str, list[str]] = {}
-    for entry, label in zip(entries, labels):
-        groups.setdefault(label, []).append(entry)
-    return list(groups.items())
-
-
-def read_queries(rev: str, path: str, repo: str | None = None, schema: pa.Schema = COMPARED_SCHEMA) -> pd.DataFrame:
-    """The per-query table `path` at `rev` (an experiment, a git revision, or 'workspace'),
-    with `schema`'s columns."""
-    if rev == "workspace":
-        local = Path(repo or ".") / path
-        if not local.exists():
-            raise PipelineError(f"workspace: {path} not found (run `dvc repro evaluate` first)")
-        return read_parquet(local, schema).to_pandas()
-    import dvc.api
-    from dvc.exceptions import DvcException, PathMissingError
-    from dvc.scm import RevError
-
-    try:
-        with dvc.api.open(path, repo=repo, rev=rev, mode="rb") as f:
-            data = f.read()
-    except RevError:
-        raise PipelineError(f"{rev}: unknown revision (not an experiment name, a git revision or `workspace`)") from None
-    except (PathMissingError, FileNotFoundError):
-        raise PipelineError(
-            f"{rev}: {path} not found at that revision nor in the DVC cache (run it with `dvc exp run`/`dvc repro`, or `dvc pull`)"
-        ) from None
-    except DvcException as err:
-        raise PipelineError(f"{rev}: cannot read {path} ({first_line(err)})") from None
-    # read_parquet checks the schema and its version; its messages name the temporary copy,
-    # so they are rewritten to name the revision and path.
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / Path(path).name
-        copy.write_bytes(data)
-        try:
-            return read_parquet(copy, schema).to_pandas()
-        except PipelineError as err:
-            raise PipelineError(str(err).replace(str(copy), f"{rev}:{path}")) from None
-
-
 def _fmt(figure: str, value: float) -> str:
     return "—" if math.isnan(value) else (f"{value:.2f}" if figure == "rank_distance" else f"{value:.4f}")
 
@@ -391,7 +311,7 @@ def markdown(result: pd.DataFrame, header: str, notes: list[str]) -> str:
     for _, r in result.iterrows():
         f = r["figure"]
         lines.append(
-            f"| {r['comparison']} | {LABELS[f]} | {_side(r, 'a')} | {_side(r, 'b')} | "
+            f"| {r['comparison']} | {figure_label(f)} | {_side(r, 'a')} | {_side(r, 'b')} | "
             f"{_fmt(f, r['difference'])} | [{_fmt(f, r['ci_low'])}, {_fmt(f, r['ci_high'])}] | "
             f"{r['p']:.4f} | {r['p_holm']:.4f} | {'yes' if r['significant'] else 'no'} |"
         )
@@ -419,7 +339,7 @@ def plot_forest(result: pd.DataFrame, path: Path, title: str):
         ax.scatter(rows["difference"], y, c=colors, zorder=3)
         ax.axvline(0, color="grey", linestyle="--", linewidth=1)
         ax.set_yticks(y, pairs)
-        ax.set_title(LABELS[figure])
+        ax.set_title(figure_label(figure))
         ax.set_xlabel("B − A (red: significant after Holm)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_ylim(-0.6, len(pairs) - 0.4)

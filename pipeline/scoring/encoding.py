@@ -114,3 +114,16 @@ def encode_unique(model, texts: list[str], batch_size: int, bf16: bool = False) 
     if bf16:  # re-normalized in fp32: in bf16 the unit length holds to about 3 digits only
         embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy()
     return np.asarray(embeddings, dtype=np.float32), index
+
+
+def embedding_dim(model) -> int:
+    """The sentence embedding's size (sentence-transformers 6 renamed the getter)."""
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return getter()
+
+
+def embed(model, texts: list[str]) -> torch.Tensor:
+    """Sentence embeddings with gradients (dynamic padding to the longest text of the call)."""
+    features = model.tokenize(texts)
+    features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+    return model(features)["sentence_embedding"]

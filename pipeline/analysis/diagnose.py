@@ -1,8 +1,8 @@
 """Why a fine-tuned model loses monolingual (or cross-lingual) queries: what it ranks first.
 
-    python -m pipeline.diagnose BEFORE AFTER [--dataset xquad_r] [--queries-dir metrics/eval_queries] [--out docs/siblings]
+    python -m pipeline.analysis.diagnose BEFORE AFTER [--dataset xquad_r] [--queries-dir metrics/eval_queries] [--out docs/siblings]
 
-BEFORE and AFTER are entries as `pipeline.compare` takes them (an experiment, a git
+BEFORE and AFTER are entries as `pipeline.analysis.compare` takes them (an experiment, a git
 revision or `workspace`, with `:DIR`), e.g. `workspace:metrics/eval_base_queries workspace`
 for the zero-shot base against the fine-tuned model. For each setting (mono, cross) it
 counts, over the same (question, query language, passage language) rows, what each model
@@ -19,8 +19,8 @@ import argparse
 
 import pandas as pd
 
+from pipeline.analysis.runs import parse_entry, read_queries
 from pipeline.common import PipelineError, run_stage, write_report
-from pipeline.compare import parse_entry, read_queries
 from pipeline.contracts import QUERIES_SCHEMA
 
 KINDS = ("answer", "sibling", "other")

@@ -1,0 +1,74 @@
+"""Checkpoints of a training run: written atomically, resumed only by the run that made them.
+
+A checkpoint holds the model, optimizer, scheduler, RNG states, the plan position and the
+curves logged so far; its fingerprint (a hash of the plan, the data, the params and the
+base weights) keeps `--resume` from ever mixing two different runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.common import atomic_outputs, first_line
+
+
+def rng_state() -> list:
+    """Torch's RNG states as tensors (None without CUDA), so a checkpoint loads with weights_only."""
+    return [torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None]
+
+
+def set_rng_state(state: list) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def run_fingerprint(*parts: bytes) -> str:
+    """Identifies what a checkpoint was made from, so --resume never mixes two different runs."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, fingerprint: str, history: list[dict], adversary=None) -> None:
+    state = {
+        "step": step,
+        "fingerprint": fingerprint,
+        "model": model.state_dict(),
+        "adversary": adversary.state_dict() if adversary is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "history": history,  # the logged curves up to `step`, to rebuild the log on resume
+    }
+    with atomic_outputs(path) as (tmp,):
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str, adversary=None) -> tuple[int, list[dict]]:
+    """Restore a checkpoint of this very run: (its step, the curves logged up to it); (0, []) when there is
+    none to use. A checkpoint that cannot be read (killed mid-save, disk full) is ignored, not fatal;
+    `weights_only` means a checkpoint file can never run code."""
+    if not path.exists():
+        return 0, []
+    try:
+        state = torch.load(path, map_location=model.device, weights_only=True)
+        step, history = int(state["step"]), list(state["history"])
+    except Exception as err:  # truncated zip, bad pickle, missing key: all mean "unusable"
+        print(f"{path}: unusable checkpoint ({first_line(err)}); ignored, training from step 0", file=sys.stderr)
+        return 0, []
+    if state.get("fingerprint") != fingerprint:
+        print(f"{path}: checkpoint is from other inputs or params; starting from step 0")
+        return 0, []
+    model.load_state_dict(state["model"])
+    if adversary is not None:
+        adversary.load_state_dict(state["adversary"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return step, history

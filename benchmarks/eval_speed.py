@@ -177,7 +177,7 @@ def main() -> None:
     eval_batch_size = args.eval_batch_size or execution().eval_batch_size
     langs = args.langs.split(",") if args.langs else None
 
-    questions, candidates, folder = evaluate.read_source_tables(args.dataset)
+    questions, candidates, folder = evaluate.read_source_tables(args.dataset, params.data)
     questions, candidates = limited(questions, candidates, args.limit)
     task = evaluate.prepare_task(questions, candidates, langs, args.dataset, str(folder))  # as main does
     query_texts = [prefixes[0] + t for t in task.query_text]

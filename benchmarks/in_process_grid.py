@@ -3,7 +3,8 @@
 
 Each config is params.yaml with some params set. For each, the stages' own functions plan the
 batches (batches.plan_from_params), train a fresh copy of the base model (train.train) and
-score the evaluation datasets (evaluate.evaluate_task); one CSV row (the config's name and
+score the dev split of the training source (`dev.*` columns, where data.dev_share > 0: choose
+on these) and the evaluation datasets (the test sets: report these) with evaluate.evaluate_task; one CSV row (the config's name and
 params, the headline figures per dataset, seconds) is appended as soon as a config ends, so a
 killed grid resumes where it stopped and a time-limited one keeps what it finished. Nothing is
 written under data/, models/ or metrics/. Its figures are exploratory: finalists are rerun with
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.analysis.runs import flatten  # noqa: E402
 from pipeline.batches import plan_from_params  # noqa: E402
 from pipeline.common import PipelineError, run_stage  # noqa: E402
-from pipeline.evaluate import evaluate_task, prepare_task, read_source_tables  # noqa: E402
+from pipeline.evaluate import DEV_DATASET, evaluate_task, prepare_task, read_source_tables  # noqa: E402
 from pipeline.machine import describe, machine_record, resolve_precision  # noqa: E402
 from pipeline.params import Params, build, execution, read_params  # noqa: E402
 from pipeline.scoring.encoding import load_model  # noqa: E402
@@ -150,14 +151,15 @@ def main() -> None:
     configs = read_grid(args.grid, read_params(args.params))
     done = finished(args.out)
     todo = [config for config in configs if config[0] not in done]
-    evaluated = {(p.evaluate.datasets, p.evaluate.langs or ()) for *_, p in configs}
+    evaluated = {(p.evaluate.datasets, p.evaluate.langs or (), p.data.train, p.data.dev_share) for *_, p in configs}
     if len(evaluated) != 1:
-        raise PipelineError(f"{args.grid}: every config must set the same evaluate.datasets and evaluate.langs")
-    datasets, langs = evaluated.pop()
+        raise PipelineError(f"{args.grid}: every config must set the same evaluate.datasets, evaluate.langs, data.train and data.dev_share")
+    datasets, langs, _, dev_share = evaluated.pop()
+    data = configs[0][3].data
     tasks = {}
-    for name in datasets:
-        questions, candidates, folder = read_source_tables(name)
-        tasks[name] = prepare_task(questions, candidates, list(langs) or None, name, str(folder))
+    for name in ([DEV_DATASET] if dev_share else []) + list(datasets):  # the dev split to choose on, the test sets to report
+        questions, candidates, folder = read_source_tables(name, data)
+        tasks[name] = prepare_task(questions, candidates, None if name == DEV_DATASET else list(langs) or None, name, str(folder))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     eval_batch_size = args.eval_batch_size or execution().eval_batch_size
     print(f"grid {args.grid}: {len(configs)} configs, {len(done & {c[0] for c in configs})} already in {args.out}", flush=True)

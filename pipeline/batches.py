@@ -356,7 +356,7 @@ def plan_from_params(params: Params) -> tuple[pa.Table, dict, int]:
     """The plan `params` asks for, from the parallel data on disk: (plan, its summary, groups).
     Shared by the stage and benchmarks/in_process_grid.py, so both train on the same batches."""
     sampler = params.sampler
-    made_by = pairs_stamp(params.data.train)
+    made_by = pairs_stamp(params.data.train, params.data.dev_share)
     groups = groups_from_pairs(read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by=made_by))
     plan = plan_batches(groups, sampler.ratio, sampler.schedule, sampler.order, sampler.batch_size, sampler.steps, params.seed)
     if sampler.negatives != "none":

@@ -141,9 +141,10 @@ def write_parquet(table: pa.Table, path: str | Path, made_by: dict | None = None
         pq.write_table(table.replace_schema_metadata(meta), tmp)
 
 
-def read_parquet(path: str | Path, schema: pa.Schema, made_by: dict | None = None) -> pa.Table:
+def read_parquet(path: str | Path, schema: pa.Schema, made_by: dict | None = None, optional: tuple[str, ...] = ()) -> pa.Table:
     """Read a stage's Parquet output, checking its columns and types and, given `made_by`,
-    that the params stamped in it by the stage that wrote it are these (not a stale file)."""
+    that the params stamped in it by the stage that wrote it are these (not a stale file).
+    Columns named in `optional` may be missing (files written before they existed): they are left out."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: file not found (run the stage that makes it first)")
@@ -154,6 +155,7 @@ def read_parquet(path: str | Path, schema: pa.Schema, made_by: dict | None = Non
     version = (table.schema.metadata or {}).get(b"hybridir.schema_version", b"").decode()
     if version != SCHEMA_VERSION:
         raise PipelineError(f"{path}: schema version {version or 'missing'}, expected {SCHEMA_VERSION}")
+    schema = pa.schema([field for field in schema if field.name in table.column_names or field.name not in optional])
     for field in schema:
         if field.name not in table.column_names:
             raise PipelineError(f"{path}: missing column '{field.name}'")
@@ -183,7 +185,12 @@ def write_report(out: str | Path, text: str, table) -> None:
     """`<out>.md` (the Markdown a reader pastes) and `<out>.csv` (the same table, for tools), each atomically."""
     with atomic_path(f"{out}.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
-    with atomic_path(f"{out}.csv") as tmp:
+    write_table(f"{out}.csv", table)
+
+
+def write_table(path: str | Path, table) -> None:
+    """A pandas table as CSV, atomically."""
+    with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
 
 

@@ -8,7 +8,9 @@ params' stamp to `read_parquet`, which refuses a file made from other params.
 Tables:
 - `data/raw/<source>/questions.parquet`: one row per (question id, language);
   `group_id` is the id shared by a question's translations, `answer_candidate`
-  indexes `candidates` of the same language (the sentence that holds the answer);
+  indexes `candidates` of the same language (the sentence that holds the answer),
+  `article` and `paragraph` name the question's article and its answer's paragraph with
+  ids shared across languages (`fetch.link_across_languages`);
 - `data/raw/<source>/candidates.parquet`: every sentence of every paragraph, per
   language, in document order (`candidate` = 0..n-1 within the language);
 - `data/parallel/{questions,candidates}.parquet`: the same layout for the training
@@ -34,6 +36,7 @@ PARALLEL_DIR = Path("data/parallel")
 PAIRS_PATH = PARALLEL_DIR / "pairs.parquet"
 PARALLEL_QUESTIONS_PATH = PARALLEL_DIR / "questions.parquet"
 PARALLEL_CANDIDATES_PATH = PARALLEL_DIR / "candidates.parquet"
+DEV_DIR = Path("data/dev")  # the held-out dev split of the training source: questions.parquet, candidates.parquet
 PLAN_PATH = Path("data/batches/plan.parquet")
 BASE_MODEL_DIR = Path("models/base")
 
@@ -43,6 +46,8 @@ QUESTIONS_SCHEMA = pa.schema(
         pa.field("lang", pa.string(), nullable=False),
         pa.field("question", pa.string(), nullable=False),
         pa.field("answer_candidate", pa.int32(), nullable=False),
+        pa.field("article", pa.string(), nullable=False),  # the question's article, one id across languages
+        pa.field("paragraph", pa.string(), nullable=False),  # its answer's paragraph, likewise (the unit statistics resample)
     ]
 )
 
@@ -84,6 +89,7 @@ QUERIES_SCHEMA = pa.schema(
         pa.field("query_lang", pa.string(), nullable=False),
         pa.field("passage_lang", pa.string()),  # null for multi (the pool of every language)
         pa.field("question_id", pa.string(), nullable=False),
+        pa.field("paragraph", pa.string()),  # the question's paragraph id: the cluster paired statistics resample
         pa.field("ap", pa.float64(), nullable=False),
         pa.field("recall_at_1", pa.float64()),  # mono, cross
         pa.field("recall_at_10", pa.float64()),  # multi
@@ -115,9 +121,9 @@ def raw_stamp(source: str) -> dict:
     return {"source": source}
 
 
-def pairs_stamp(data_train: str) -> dict:
-    """What consumers of `data/parallel/*` check: which training source it was made from."""
-    return {"data.train": data_train}
+def pairs_stamp(data_train: str, dev_share: float) -> dict:
+    """What consumers of `data/parallel/*` and `data/dev/*` check: the training source and the share held out as dev."""
+    return {"data.train": data_train, "data.dev_share": dev_share}
 
 
 def plan_stamp(seed: int, sampler: dict) -> dict:

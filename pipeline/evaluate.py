@@ -26,9 +26,20 @@ from pipeline.common import (
     write_json,
     write_parquet,
 )
-from pipeline.contracts import CANDIDATES_SCHEMA, QUERIES_SCHEMA, QUESTIONS_SCHEMA, RAW_DIR, Noise, queries_dir, raw_stamp, raw_tables
+from pipeline.contracts import (
+    CANDIDATES_SCHEMA,
+    DEV_DIR,
+    QUERIES_SCHEMA,
+    QUESTIONS_SCHEMA,
+    RAW_DIR,
+    Noise,
+    pairs_stamp,
+    queries_dir,
+    raw_stamp,
+    raw_tables,
+)
 from pipeline.machine import describe, machine_record, resolve_precision
-from pipeline.params import execution, load_params
+from pipeline.params import DataParams, execution, load_params
 from pipeline.scoring.encoding import encode_unique, load_model
 from pipeline.scoring.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
 from pipeline.scoring.mteb_tasks import leave_note, plan_mteb, run_mteb
@@ -36,16 +47,29 @@ from pipeline.scoring.report import format_noise, format_summary, write_plots
 from pipeline.scoring.robustness import noise_robustness
 from pipeline.sources.catalogue import LAREQA_SOURCES
 
+DEV_DATASET = "dev"  # the held-out dev split of data.train (data/dev), for choices: never the reported result
 
-def read_source_tables(name: str, raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """A fetched LAReQA source's (questions, candidates) and the folder they came from."""
-    if name not in LAREQA_SOURCES:
-        raise PipelineError(f"unknown evaluation dataset '{name}' (known: {', '.join(sorted(LAREQA_SOURCES))})")
-    questions_path, candidates_path = raw_tables(name, raw_dir)
+
+def read_source_tables(name: str, data: DataParams, raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """A fetched LAReQA source's, or the dev split's, (questions, candidates) and the folder they came from."""
+    if name == DEV_DATASET:
+        questions_path, candidates_path, made_by = (
+            DEV_DIR / "questions.parquet",
+            DEV_DIR / "candidates.parquet",
+            pairs_stamp(data.train, data.dev_share),
+        )
+        where = "run `dvc repro translate`"
+    elif name in LAREQA_SOURCES:
+        (questions_path, candidates_path), made_by = raw_tables(name, raw_dir), raw_stamp(name)
+        where = "add it to data.eval and run `dvc repro fetch`"
+    else:
+        raise PipelineError(f"unknown evaluation dataset '{name}' (known: {', '.join([*sorted(LAREQA_SOURCES), DEV_DATASET])})")
     if not questions_path.exists():
-        raise PipelineError(f"{questions_path.parent}: not fetched yet; add it to data.eval and run `dvc repro fetch`")
-    questions = read_parquet(questions_path, QUESTIONS_SCHEMA, made_by=raw_stamp(name)).to_pandas()
-    candidates = read_parquet(candidates_path, CANDIDATES_SCHEMA, made_by=raw_stamp(name)).to_pandas()
+        raise PipelineError(f"{questions_path.parent}: not made yet; {where}")
+    questions = read_parquet(questions_path, QUESTIONS_SCHEMA, made_by=made_by).to_pandas()
+    candidates = read_parquet(candidates_path, CANDIDATES_SCHEMA, made_by=made_by).to_pandas()
+    if questions.empty:
+        raise PipelineError(f"{questions_path}: no questions (data.dev_share is {data.dev_share}: no dev split is held out)")
     return questions, candidates, questions_path.parent
 
 
@@ -100,15 +124,20 @@ def main() -> None:
     langs = args.langs.split(",") if args.langs else evaluate.langs
     prefixes = (params.model.query_prefix, params.model.passage_prefix)
     batch_size = args.batch_size or execution().eval_batch_size
-    noises = [Noise.parse(name) for name in evaluate.noise or []]
+    dev_only = datasets == [DEV_DATASET]
+    if DEV_DATASET in datasets and not dev_only:
+        raise PipelineError(f"--dataset: evaluate the dev split alone (--dataset {DEV_DATASET}): it is for choices, not a reported result")
+    noises = [] if dev_only else [Noise.parse(name) for name in evaluate.noise or []]
+    if dev_only and not args.langs:
+        langs = None  # evaluate.langs names test-set languages; the dev split is scored in every language it has
     outputs = [args.out, queries_dir(args.out)] + ([args.plots] if args.plots else [])
     with atomic_outputs(*outputs) as (out_tmp, queries_tmp, *plots_tmp):
         # every input is checked before the model loads
         tasks = {}
         for name in datasets:
-            questions, candidates, folder = read_source_tables(name)
+            questions, candidates, folder = read_source_tables(name, params.data)
             tasks[name] = prepare_task(questions, candidates, langs, name, str(folder))
-        mteb_plan = plan_mteb(evaluate, params.model, args.model, args.mteb_results, batch_size)
+        mteb_plan = None if dev_only else plan_mteb(evaluate, params.model, args.model, args.mteb_results, batch_size)
         model = load_model(args.model, params.model.max_length)
         precision = resolve_precision(evaluate.precision, model.device.type, "evaluate.precision")
         bf16 = precision == "bf16"
@@ -149,7 +178,8 @@ def main() -> None:
         if plots_tmp:
             write_plots(results, noise_reports, plots_tmp[0])
         write_json(report, out_tmp)
-    leave_note(args.mteb_results)
+    if not dev_only:
+        leave_note(args.mteb_results)
 
 
 if __name__ == "__main__":

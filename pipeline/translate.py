@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from pipeline.common import (
@@ -47,6 +48,7 @@ from pipeline.common import (
 )
 from pipeline.contracts import (
     CANDIDATES_SCHEMA,
+    DEV_DIR,
     PAIRS_PATH,
     PAIRS_SCHEMA,
     PARALLEL_CANDIDATES_PATH,
@@ -88,6 +90,54 @@ def pairs_from_source(questions: pa.Table, candidates: pa.Table) -> pa.Table:
     if joined.num_rows != questions.num_rows:
         raise PipelineError(f"{questions.num_rows - joined.num_rows} questions point at a candidate that does not exist")
     return joined.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA).sort_by([("group_id", "ascending"), ("lang", "ascending")])
+
+
+def dev_articles(questions: pa.Table, share: float, origin: str) -> set[str]:
+    """The articles held out as the dev split: round(share x articles) of them, ranked by a hash of
+    their id, so the split is the same for every run whatever its training seed, and no paragraph of
+    a held-out article (in any language: article ids are shared across languages) is trained on."""
+    articles = sorted(set(questions["article"].to_pylist()))
+    held_out = round(share * len(articles))
+    if share and not 0 < held_out < len(articles):
+        raise PipelineError(
+            f"params.yaml: data.dev_share: {share} of the {len(articles)} articles of {origin} holds out {held_out}: "
+            f"a dev split needs at least one article held out and one left to train on (or set 0 for none)"
+        )
+    return set(sorted(articles, key=lambda article: hashlib.sha256(article.encode()).hexdigest())[:held_out])
+
+
+def split_dev(questions: pa.Table, candidates: pa.Table, dev: set[str]) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(training questions, dev questions, dev candidates): the dev tables in the raw tables' layout,
+    its pool every sentence of the held-out paragraphs, renumbered 0..n-1 per language."""
+    in_dev = pc.is_in(questions["article"], pa.array(sorted(dev), pa.string()))
+    train_q, dev_q = questions.filter(pc.invert(in_dev)), questions.filter(in_dev)
+    cands = candidates.to_pandas()
+    local_paragraph = cands.set_index(["lang", "candidate"])["paragraph"]
+    q = dev_q.to_pandas()
+    held = set(zip(q["lang"], local_paragraph.reindex(pd.MultiIndex.from_frame(q[["lang", "answer_candidate"]])).to_numpy()))
+    kept = cands[[(lang, paragraph) in held for lang, paragraph in zip(cands["lang"], cands["paragraph"])]].copy()
+    kept["new"] = kept.groupby("lang").cumcount()
+    renumber = kept.set_index(["lang", "candidate"])["new"]
+    q["answer_candidate"] = renumber.reindex(pd.MultiIndex.from_frame(q[["lang", "answer_candidate"]])).to_numpy()
+    kept["candidate"] = kept.pop("new")
+    dev_questions = pa.Table.from_pandas(q, QUESTIONS_SCHEMA, preserve_index=False).replace_schema_metadata(None)
+    dev_candidates = pa.Table.from_pandas(kept[CANDIDATES_SCHEMA.names], CANDIDATES_SCHEMA, preserve_index=False).replace_schema_metadata(
+        None
+    )
+    return train_q, dev_questions, dev_candidates
+
+
+def check_no_eval_overlap(train_groups: set[str], evaluated: dict[str, set[str]], data_train: str) -> None:
+    """Refuse training questions that an evaluation dataset scores: every figure of it would be on questions
+    the model was trained on. By question id, so the dev split held out of the training source stays allowed."""
+    for name, ids in evaluated.items():
+        shared = train_groups & ids
+        if shared:
+            raise PipelineError(
+                f"{raw_tables(name)[0]}: {len(shared):,} of its questions are training questions (data.train={data_train}, "
+                f"e.g. '{min(shared)}'): its figures would be on questions the model was trained on "
+                f"(set data.allow_eval_overlap: true if that is what you want)"
+            )
 
 
 def translate_corpus(
@@ -315,25 +365,33 @@ def machine_translate(
 
 
 def main() -> None:
-    args = stage_parser(__doc__, out=str(PAIRS_PATH), metrics="metrics/translate.json").parse_args()
+    args = stage_parser(__doc__, out=str(PAIRS_PATH), metrics="metrics/translate.json", dev=str(DEV_DIR)).parse_args()
     params = load_params(args.params)
     source = params.data.train
     model = params.translate.model
     out_dir = Path(args.out).parent
-    outputs = (out_dir / PARALLEL_QUESTIONS_PATH.name, out_dir / PARALLEL_CANDIDATES_PATH.name, args.out, args.metrics)
-    with atomic_outputs(*outputs) as (questions_out, candidates_out, pairs_out, metrics_out):
+    outputs = (out_dir / PARALLEL_QUESTIONS_PATH.name, out_dir / PARALLEL_CANDIDATES_PATH.name, args.out, args.metrics, args.dev)
+    with atomic_outputs(*outputs) as (questions_out, candidates_out, pairs_out, metrics_out, dev_out):
         questions_path, candidates_path = raw_tables(source)
         questions = read_parquet(questions_path, QUESTIONS_SCHEMA, made_by=raw_stamp(source))
         candidates = read_parquet(candidates_path, CANDIDATES_SCHEMA, made_by=raw_stamp(source))
         if model is None:
             report = {"model": "none (human translations passed through)"}
-            made_by = {**pairs_stamp(source), "translate.model": None}
+            made_by = {**pairs_stamp(source, params.data.dev_share), "translate.model": None}
         else:
             q_frame, c_frame, report = machine_translate(params.translate, source, questions.to_pandas(), candidates.to_pandas())
             human = pairs_from_source(questions, candidates)  # references, where the source has them
             questions = pa.Table.from_pandas(q_frame, QUESTIONS_SCHEMA, preserve_index=False).replace_schema_metadata(None)
             candidates = pa.Table.from_pandas(c_frame, CANDIDATES_SCHEMA, preserve_index=False).replace_schema_metadata(None)
-            made_by = {**pairs_stamp(source), "translate": as_dict(params.translate)}
+            made_by = {**pairs_stamp(source, params.data.dev_share), "translate": as_dict(params.translate)}
+        dev = dev_articles(questions, params.data.dev_share, str(questions_path.parent))
+        questions, dev_questions, dev_candidates = split_dev(questions, candidates, dev)
+        if not params.data.allow_eval_overlap:
+            evaluated = {
+                name: set(read_parquet(raw_tables(name)[0], QUESTIONS_SCHEMA).column("group_id").to_pylist())
+                for name in params.evaluate.datasets
+            }
+            check_no_eval_overlap(set(questions["group_id"].to_pylist()), evaluated, source)
         pairs = pairs_from_source(questions, candidates)
         if model is not None and source not in SQUAD_SOURCES:
             machine = pairs.to_pandas().query("lang != @report['source_lang']")
@@ -343,13 +401,24 @@ def main() -> None:
             source=source,
             groups=len(set(pairs["group_id"].to_pylist())),
             **{f"pairs.{lang}": n for lang, n in sorted(per_lang.items())},
+            **{
+                "dev.articles": len(dev),
+                "dev.groups": len(set(dev_questions["group_id"].to_pylist())),
+                "dev.questions": dev_questions.num_rows,
+            },
         )
+        dev_out.mkdir()
+        write_parquet(dev_questions, dev_out / "questions.parquet", made_by=made_by)
+        write_parquet(dev_candidates, dev_out / "candidates.parquet", made_by=made_by)
         write_parquet(questions, questions_out, made_by=made_by)
         write_parquet(candidates, candidates_out, made_by=made_by)
         write_parquet(pairs, pairs_out, made_by=made_by)
         write_json(report, metrics_out)
     how = "human translations, no MT" if model is None else f"MT by {model}"
-    print(f"wrote {args.out}: {pairs.num_rows} pairs from {source} ({how})")
+    print(
+        f"wrote {args.out}: {pairs.num_rows} pairs from {source} ({how}); {args.dev}: {report['dev.questions']} questions of "
+        f"{report['dev.articles']} held-out articles (data.dev_share {params.data.dev_share})"
+    )
 
 
 if __name__ == "__main__":

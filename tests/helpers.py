@@ -205,7 +205,14 @@ def corpus_of(pairs: pa.Table) -> tuple[pa.Table, pa.Table]:
                 for i, text in enumerate(texts)
             ]
             questions += [
-                {"group_id": r["group_id"], "lang": lang, "question": r["question"], "answer_candidate": first + i}
+                {
+                    "group_id": r["group_id"],
+                    "lang": lang,
+                    "question": r["question"],
+                    "answer_candidate": first + i,
+                    "article": f"a{paragraph // 2}",
+                    "paragraph": f"p{paragraph}",
+                }
                 for i, r in enumerate(members)
             ]
     return pa.Table.from_pylist(questions, schema=QUESTIONS_SCHEMA), pa.Table.from_pylist(candidates, schema=CANDIDATES_SCHEMA)
@@ -241,7 +248,7 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
     params["sampler"].update({"batch_size": 4, "steps": steps, **(sampler or {})})  # the plan written below
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs()
-    made_by = pairs_stamp(params["data"]["train"])
+    made_by = pairs_stamp(params["data"]["train"], params["data"]["dev_share"])
     write_parquet(pairs, tmp_path / PAIRS_PATH, made_by=made_by)
     for table, path in zip(corpus_of(pairs), (PARALLEL_QUESTIONS_PATH, PARALLEL_CANDIDATES_PATH)):
         write_parquet(table, tmp_path / path, made_by=made_by)

@@ -27,7 +27,7 @@ import yaml
 
 from pipeline import base_model, batches, evaluate, fetch, train, translate
 from pipeline.common import run_stage, write_parquet
-from pipeline.contracts import BASE_MODEL_DIR, PAIRS_PATH, PLAN_PATH, raw_tables
+from pipeline.contracts import BASE_MODEL_DIR, PAIRS_PATH, PLAN_PATH, pairs_stamp, raw_tables
 from pipeline.sources.catalogue import LAREQA_SOURCES, XQUAD_R
 from tests.helpers import REPO, mirror_file, no_questions
 
@@ -92,16 +92,17 @@ def valid_project(tmp_path_factory, tiny_model_dir) -> Path:
         (root / "mirror" / XQUAD_R.mirror_dir / f"{lang}.json").write_text(json.dumps(docs[lang]), encoding="utf-8")
     (root / "docs.json").write_text(json.dumps(docs))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(train="xquad_r", eval=["xquad_r"], squad="squad.json")
+    params["data"].update(train="xquad_r", eval=["xquad_r"], squad="squad.json", allow_eval_overlap=True, dev_share=0)  # one small dataset
     params["evaluate"].update(datasets=["xquad_r"], langs=None)
     params["sampler"].update(batch_size=4, steps=3)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     tables = [fetch.parse_lareqa(docs[lang], lang, f"{lang}.json") for lang in LANGS]
     questions, candidates = (pa.concat_tables(t) for t in zip(*tables))
+    questions = fetch.link_across_languages(questions)  # as fetch writes them
     write_parquet(questions, root / "data/raw/xquad_r/questions.parquet", made_by={"source": "xquad_r"})
     write_parquet(candidates, root / "data/raw/xquad_r/candidates.parquet", made_by={"source": "xquad_r"})
     pairs = translate.pairs_from_source(questions, candidates)
-    write_parquet(pairs, root / "data/parallel/pairs.parquet", made_by={"data.train": "xquad_r", "translate.model": None})
+    write_parquet(pairs, root / "data/parallel/pairs.parquet", made_by={**pairs_stamp("xquad_r", 0), "translate.model": None})
     sampler = params["sampler"]
     plan_params = {key: value for key, value in sampler.items() if key != "negatives"}
     plan = batches.plan_batches(batches.groups_from_pairs(pairs), seed=params["seed"], **plan_params)
@@ -225,6 +226,8 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("languages as a string", "evaluate", lambda p: p.params(**{"evaluate.langs": "en"}), r"params.yaml: evaluate.langs: expected a list of language codes or null, got the string 'en'"),
     ("encoding batch 0", "evaluate", lambda p: p.setenv("HYBRIDIR_EVAL_BATCH_SIZE", "0"), r"environment: HYBRIDIR_EVAL_BATCH_SIZE: 0 must be >= 1"),
     ("encoding batch as text", "evaluate", lambda p: p.setenv("HYBRIDIR_EVAL_BATCH_SIZE", "sixteen"), r"environment: HYBRIDIR_EVAL_BATCH_SIZE: expected an integer, got the string 'sixteen'"),
+    ("training on the test set's questions", "translate", lambda p: p.params(**{"data.allow_eval_overlap": False}), r"data/raw/xquad_r/questions.parquet: [\d,]+ of its questions are training questions \(data.train=xquad_r, e.g. '[^']+'\): its figures would be on questions the model was trained on \(set data.allow_eval_overlap: true if that is what you want\)"),
+    ("a dev split that holds out nothing", "translate", lambda p: p.params(**{"data.dev_share": 0.1}), r"params.yaml: data.dev_share: 0.1 of the 2 articles of data/raw/xquad_r holds out 0: a dev split needs at least one article held out and one left to train on \(or set 0 for none\)"),
     ("execution setting left in params.yaml", "train", lambda p: _add_param(p, "train", "processes", 2), r"params.yaml: train.processes: an execution setting now, not a parameter: set HYBRIDIR_PROCESSES \(remove it from params.yaml\)"),
     ("a key given twice", "batches", lambda p: _duplicate(p, "  ratio: "), r"params.yaml: line \d+: found duplicate key \"ratio\" \(given twice in one group: DVC refuses the file, and which value would count is a guess\)"),
     ("unknown precision", "evaluate", lambda p: p.params(**{"evaluate.precision": "fp16"}), r"params.yaml: evaluate.precision: 'fp16' is not one of auto, fp32, bf16.*"),

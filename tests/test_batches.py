@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pipeline import batches
 from pipeline.batches import groups_from_pairs, plan_batches, plan_negatives, plan_summary
 from pipeline.common import PipelineError, write_parquet
-from pipeline.contracts import CANDIDATES_SCHEMA, PAIRS_SCHEMA, PLAN_SCHEMA, QUESTIONS_SCHEMA
+from pipeline.contracts import CANDIDATES_SCHEMA, PAIRS_SCHEMA, PLAN_SCHEMA, QUESTIONS_SCHEMA, pairs_stamp
 from tests.helpers import write_params
 
 REPO = Path(__file__).parents[1]
@@ -61,7 +61,14 @@ def corpus(groups: dict[str, list[str]], sentences: int = 3, per_paragraph: int 
                 for i in range(sentences)
             ]
             questions += [
-                {"group_id": g, "lang": lang, "question": f"{g} {lang}?", "answer_candidate": first + i % sentences}
+                {
+                    "group_id": g,
+                    "lang": lang,
+                    "question": f"{g} {lang}?",
+                    "answer_candidate": first + i % sentences,
+                    "article": "a0",
+                    "paragraph": f"{lang}:{p}",
+                }
                 for i, g in enumerate(having[start : start + per_paragraph])
             ]
     return pa.Table.from_pylist(questions, schema=QUESTIONS_SCHEMA), pa.Table.from_pylist(candidates, schema=CANDIDATES_SCHEMA)
@@ -251,7 +258,14 @@ def paragraphs(draw, groups: dict[str, list[str]]) -> tuple[pa.Table, pa.Table]:
                 for i, text in enumerate(texts)
             ]
             questions += [
-                {"group_id": g, "lang": lang, "question": f"{g}?", "answer_candidate": n_candidates + draw(st.integers(0, size - 1))}
+                {
+                    "group_id": g,
+                    "lang": lang,
+                    "question": f"{g}?",
+                    "answer_candidate": n_candidates + draw(st.integers(0, size - 1)),
+                    "article": "a0",
+                    "paragraph": f"{lang}:{paragraph}",
+                }
                 for g in members
             ]
             paragraph, n_candidates = paragraph + 1, n_candidates + size
@@ -539,13 +553,13 @@ def write_stage(root: Path, groups: dict[str, list[str]] | None, **sampler) -> N
     sampler = {"ratio": 0.5, "schedule": "hybrid", "order": "mono_first", "batch_size": 4, "steps": 6, "negatives": "none", **sampler}
     write_params(root, seed=42, **{"data.train": "mlqa_r"}, **{f"sampler.{k}": v for k, v in sampler.items()})
     if groups is not None:
-        write_parquet(pairs_table(groups), root / "data/parallel/pairs.parquet", made_by={"data.train": "mlqa_r"})
+        write_parquet(pairs_table(groups), root / "data/parallel/pairs.parquet", made_by=pairs_stamp("mlqa_r", 0.1))
 
 
 def test_pairs_made_for_another_source_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_stage(tmp_path, full_groups(8, ["de", "en"]))
-    write_parquet(pairs_table(full_groups(8, ["de", "en"])), tmp_path / "data/parallel/pairs.parquet", made_by={"data.train": "xquad_r"})
+    write_parquet(pairs_table(full_groups(8, ["de", "en"])), tmp_path / "data/parallel/pairs.parquet", made_by=pairs_stamp("xquad_r", 0.1))
     with pytest.raises(
         PipelineError,
         match=r'^data/parallel/pairs.parquet: made with data.train="xquad_r", but params.yaml has data.train="mlqa_r" \(stale output',
@@ -579,8 +593,8 @@ def test_main_plans_hard_negatives_from_the_parallel_tables(tmp_path, monkeypatc
     with pytest.raises(PipelineError, match=r"^data/parallel/questions.parquet: file not found"):
         batches.main()
     questions, candidates = corpus(groups, sentences=3)
-    write_parquet(questions, tmp_path / "data/parallel/questions.parquet", made_by={"data.train": "mlqa_r"})
-    write_parquet(candidates, tmp_path / "data/parallel/candidates.parquet", made_by={"data.train": "mlqa_r"})
+    write_parquet(questions, tmp_path / "data/parallel/questions.parquet", made_by=pairs_stamp("mlqa_r", 0.1))
+    write_parquet(candidates, tmp_path / "data/parallel/candidates.parquet", made_by=pairs_stamp("mlqa_r", 0.1))
     batches.main()
     plan = pq.read_table(tmp_path / "data/batches/plan.parquet")
     assert plan["negative_candidate"].null_count < plan.num_rows

@@ -68,6 +68,7 @@ def synthetic_task() -> tuple[RetrievalTask, np.ndarray, np.ndarray]:
         langs=["en", "de"],
         query_lang=np.array([lang for lang, _, _ in QUERIES]),
         query_id=np.array([f"g{answers[0]}" for _, answers, _ in QUERIES]),  # en answer c answers group gc
+        query_paragraph=np.array([f"p{answers[0] // 2}" for _, answers, _ in QUERIES]),
         query_text=[f"q{q}" for q in range(len(QUERIES))],
         candidate_text=[f"c{c}" for c in range(POOL)],
         pool_offsets=np.array([0, 12, 14]),
@@ -211,6 +212,7 @@ def test_score_task_on_random_embeddings_agrees_with_a_direct_computation():
         langs=langs,
         query_lang=np.array([x for _, x in rows]),
         query_id=np.array([f"g{g}" for g, _ in rows]),
+        query_paragraph=np.array([f"p{g // 3}" for g, _ in rows]),
         query_text=[f"{g}{x}" for g, x in rows],
         candidate_text=[str(c) for c in range(offsets[-1])],
         pool_offsets=offsets,

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -149,13 +150,17 @@ def test_stage_writes_both_tables(stage, slices, capsys):
     meta = pq.read_schema(root / "questions.parquet").metadata
     assert json.loads(meta[b"hybridir.params"]) == {"source": "xquad_r"}
     assert sorted(set(questions.column("lang").to_pylist())) == ["de", "en"]
-    for lang in ("de", "en"):
-        expected_q, expected_c = fetch.parse_lareqa(slices[lang], lang, "x")
-        assert questions.filter(pc.equal(questions["lang"], lang)).equals(expected_q)
+    parsed = [fetch.parse_lareqa(slices[lang], lang, "x") for lang in ("de", "en")]
+    linked = fetch.link_across_languages(pa.concat_tables([q for q, _ in parsed]))
+    for lang, (_, expected_c) in zip(("de", "en"), parsed):
+        assert questions.filter(pc.equal(questions["lang"], lang)).equals(linked.filter(pc.equal(linked["lang"], lang)))
         assert candidates.filter(pc.equal(candidates["lang"], lang)).equals(expected_c)
-    # parallel questions share their group ids across languages
-    groups = [set(questions.filter(pc.equal(questions["lang"], lang))["group_id"].to_pylist()) for lang in ("de", "en")]
-    assert groups[0] == groups[1]
+    # parallel questions share their group ids, and so their article and paragraph ids, across languages
+    by_lang = [questions.filter(pc.equal(questions["lang"], lang)).to_pandas().set_index("group_id") for lang in ("de", "en")]
+    assert set(by_lang[0].index) == set(by_lang[1].index)
+    shared = by_lang[0].index
+    assert (by_lang[0].loc[shared, ["article", "paragraph"]] == by_lang[1].loc[shared, ["article", "paragraph"]]).all().all()
+    assert questions["article"].to_pylist()[0] == "a00000" and len(set(questions["paragraph"].to_pylist())) > 1
     out = capsys.readouterr().out
     assert "xquad_r   de" in out and "questions" in out
 

@@ -37,7 +37,7 @@ def project(tmp_path, tiny_model_dir) -> Path:
     questions, candidates = corpus_of(pairs)
     write_raw(tmp_path, questions, candidates)
     write_params(tmp_path, **TINY)
-    made_by = pairs_stamp("mlqa_r")
+    made_by = pairs_stamp("mlqa_r", 0.1)
     for table, path in zip((pairs, questions, candidates), (PAIRS_PATH, PARALLEL_QUESTIONS_PATH, PARALLEL_CANDIDATES_PATH)):
         write_parquet(table, tmp_path / path, made_by=made_by)
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")

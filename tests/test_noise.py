@@ -142,6 +142,7 @@ def _task(langs: list[str], per_lang: list[int], texts: list[str] | None = None)
         langs=langs,
         query_lang=query_lang,
         query_id=np.array([f"g{g}" for g in group]),
+        query_paragraph=np.array([f"p{g}" for g in group]),
         query_text=texts or [f"Question {g} in {langs[x]}" for g, x in zip(group, query_lang)],
         candidate_text=[f"Passage {c} in {lang}" for lang in langs for c in range(n_groups)],
         pool_offsets=offsets,

@@ -197,7 +197,7 @@ def test_under_dvc_repro_a_failing_stage_says_how_to_get_its_outputs_back(tmp_pa
     small = {"sampler.batch_size": 4, "sampler.steps": 3, "sampler.negatives": "none"}  # no candidates table here
     params = write_params(cwd, **small)
     pairs = make_pairs()
-    write_parquet(pairs, cwd / "data/parallel/pairs.parquet", made_by=pairs_stamp(params["data"]["train"]))
+    write_parquet(pairs, cwd / "data/parallel/pairs.parquet", made_by=pairs_stamp(params["data"]["train"], params["data"]["dev_share"]))
     (cwd / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"batches": {
         "cmd": f"{sys.executable} -m pipeline.batches", "deps": ["data/parallel/pairs.parquet"],
         "params": ["seed", "sampler"], "outs": ["data/batches/plan.parquet"],

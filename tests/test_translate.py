@@ -105,7 +105,12 @@ def _workdir(root: Path, monkeypatch, model, train: str = "squad", langs=("en", 
         "compute_type": "int8", "beam_size": 1, "max_decoding_length": 12, "max_input_tokens": 64,
         "max_batch_tokens": 256, **translate_params,
     }  # fmt: skip
-    write_params(root, seed=1, **{"data.train": train}, **{f"translate.{k}": v for k, v in translate.items()})
+    write_params(
+        root,
+        seed=1,
+        **{"data.train": train, "data.dev_share": 0, "data.allow_eval_overlap": True},
+        **{f"translate.{k}": v for k, v in translate.items()},
+    )
     raw = root / "data" / "raw" / train
     if train == "squad":
         questions, candidates = parse_squad(SQUAD_DOC, "squad.json")

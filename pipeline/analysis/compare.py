@@ -1,22 +1,28 @@
-"""Compare runs per query: headline differences with paired-bootstrap intervals and randomization p-values.
+"""Compare training recipes over seeds and questions: each difference with an interval and a test that carry both.
 
     python -m pipeline.analysis.compare A B [C ...] [--dataset xquad_r] [--queries-dir metrics/eval_queries]
-                               [--out docs/compare] [--group seed] [--against A] [--resamples 10000] [--seed 0]
+                               [--out docs/compare] [--group seed] [--against A] [--resamples 10000]
+                               [--adjust holm|fdr_bh] [--seed 0]
 
 Each entry is a DVC experiment name, a git revision or `workspace`, optionally followed by
 `:DIR` to read another folder of per-query files (`workspace:metrics/eval_base_queries` is the
 zero-shot base) and preceded by `LABEL=`, which names it in the tables; entries sharing a
-label are pooled (their seeds, say). Past revisions are read through `dvc.api.open`, from the
-DVC cache: nothing is re-run. `--group seed` pools entries whose params differ only in `seed`.
-`--against LABEL` compares every other entry with that one only, instead of every pair.
+label are one arm, its runs the recipe's seeds. Past revisions are read through
+`dvc.api.open`, from the DVC cache: nothing is re-run. `--group seed` pools entries whose
+params differ only in `seed`. `--against LABEL` compares every other entry with that one only.
 
-Why per query: two runs' headline mAPs differ by a few thousandths; whether that is more
-than chance depends on how much each question's score moves, which only per-query results
-show. The unit of independence is the question id: its translations (one row per language
-and pair) share one difficulty, so they are resampled and swapped together.
+What a user asks is whether a recipe is better, not whether three trained models are: so the
+uncertainty of each difference has two parts, the training seeds (how far each arm's mean
+would move with other seeds, from its runs' own figures) and the questions (resampled by
+paragraph: questions of one paragraph share candidates and rise and fall together), combined
+in one t procedure (pipeline/analysis/seed_stats.py) that gives the interval and the p-value.
+p-values are adjusted over every comparison x figure of the report (Holm, or Benjamini–Hochberg
+with `--adjust fdr_bh`), and each reported interval is the one compatible with that decision.
+An arm of a single run has no seed variance to measure: the output says so.
 
-For every pair of entries and every headline figure it writes `<out>.md` (the table),
-`<out>.csv` and `<out>.png` (a forest plot of the differences), and prints the table.
+It writes `<out>.md` (the table), `<out>.csv`, `<out>_runs.csv` (every run's commit, seed and
+own figures, from which each mean ± sd is recomputed) and `<out>.png` (a forest plot), and
+prints the table.
 """
 
 from __future__ import annotations
@@ -26,14 +32,16 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pipeline.analysis.runs import figure_label, flatten, label_groups, parse_entry, read_queries
-from pipeline.common import PipelineError, first_line, run_stage, write_figure, write_report
+from pipeline.analysis import seed_stats
+from pipeline.analysis.runs import figure_label, label_groups, params_at, parse_entry, read_queries, run_rows
+from pipeline.common import PipelineError, run_stage, write_figure, write_report, write_table
 
 # Headline figure -> (setting, column): each is a macro-average over the setting's cells
 # (mono: languages X of (X, X); cross: ordered pairs X != Y; multi: query languages X) of
@@ -46,7 +54,7 @@ FIGURES = {
     "rank_distance": ("multi", "rank_distance"),
 }
 ALPHA = 0.05
-BATCH = 1000  # resamples per vectorized call: a [BATCH, n_ids] weight matrix stays ~10 MiB
+ADJUSTMENT_NAMES = {"holm": "Holm (family-wise error)", "fdr_bh": "Benjamini–Hochberg (false discovery rate)"}
 
 
 def cells(table: pd.DataFrame) -> pd.DataFrame:
@@ -142,76 +150,6 @@ def macro(totals: np.ndarray, lay: Layout) -> np.ndarray:
         return np.stack([np.nanmean(means[..., cols], axis=-1) for cols in lay.groups], axis=-1)
 
 
-def _weights(idx: np.ndarray, n: int) -> np.ndarray:
-    """[b, m] resampled ids -> [b, n] how often each id was drawn (one bincount for the batch)."""
-    b = idx.shape[0]
-    flat = (idx + n * np.arange(b)[:, None]).ravel()
-    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(float)
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-adjusted p-values, written out because statsmodels is not a dependency and the
-    method is this short: the k-th smallest of m p-values (k = 0, 1, ...) times m - k, made
-    non-decreasing in that order, capped at 1."""
-    p = np.asarray(p, dtype=float)
-    order = np.argsort(p)
-    adjusted = np.maximum.accumulate(np.minimum(1.0, (len(p) - np.arange(len(p))) * p[order]))
-    out = np.empty_like(adjusted)
-    out[order] = adjusted
-    return out
-
-
-def paired_stats(a: np.ndarray, b: np.ndarray, lay: Layout, resamples: int, rng: np.random.Generator):
-    """Difference B - A of every figure, its 95% bootstrap interval and randomization p-value.
-
-    `a`, `b`: [n_ids, 2 * n_cells] matrices on the same ids. The bootstrap draws question ids
-    with replacement and recomputes both entries' macro-averages from those ids' rows (BCa,
-    as scipy's default); the randomization test swaps the two entries' rows of each id
-    independently with probability 1/2. Both statistics are vectorized weighted sums."""
-    n = len(lay.ids)
-    both = np.hstack([a, b])
-    width = a.shape[1]
-
-    def boot(idx, axis=-1):
-        # The one sample is the question ids (what `paired=True` would resample for
-        # per-question vectors, without copying hundreds of cells per drawn id).
-        idx = np.asarray(idx)
-        flat = idx.reshape(-1, idx.shape[-1])
-        totals = _weights(flat, n) @ both
-        diff = macro(totals[:, width:], lay) - macro(totals[:, :width], lay)
-        return np.moveaxis(diff.reshape(*idx.shape[:-1], -1), -1, 0)  # bootstrap wants figures first
-
-    grand = a.sum(0) + b.sum(0)
-    delta = b - a
-
-    def swapped(x, y, axis=-1):
-        # permutation_type='samples' keeps each id in place and swaps which entry it came
-        # from: x holds i (A's row) or n + i (B's row), so x's totals are A's plus the swaps.
-        x = np.asarray(x)
-        flip = (x.reshape(-1, x.shape[-1]) >= n).astype(float)
-        side_x = a.sum(0) + flip @ delta
-        diff = macro(grand - side_x, lay) - macro(side_x, lay)
-        return diff.reshape(*x.shape[:-1], -1)  # permutation_test wants figures last
-
-    observed = boot(np.arange(n))
-    with warnings.catch_warnings():
-        # Identical entries: BCa is undefined (its acceleration is 0/0); handled below.
-        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        boot_res = stats.bootstrap((np.arange(n),), boot, n_resamples=resamples, batch=BATCH, vectorized=True, rng=rng)
-    low, high = np.atleast_1d(boot_res.confidence_interval.low), np.atleast_1d(boot_res.confidence_interval.high)
-    # BCa is NaN when every resample gives the same difference (e.g. a run with itself):
-    # the percentile interval is then that value.
-    dist = boot_res.bootstrap_distribution
-    bad = ~(np.isfinite(low) & np.isfinite(high))
-    low[bad] = np.percentile(dist[bad], 2.5, axis=-1)
-    high[bad] = np.percentile(dist[bad], 97.5, axis=-1)
-    perm = stats.permutation_test(
-        (np.arange(n), np.arange(n) + n), swapped, permutation_type="samples", n_resamples=resamples, batch=BATCH, vectorized=True, rng=rng
-    )
-    return observed, low, high, np.atleast_1d(perm.pvalue)
-
-
 @dataclass
 class Entry:
     """One side of a comparison: a run, or the runs of a group pooled over seeds."""
@@ -221,51 +159,80 @@ class Entry:
     tables: list[pd.DataFrame]
 
 
-def compare(entries: list[Entry], resamples: int = 10_000, seed: int = 0, against: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+def clusters_of(ids: pd.Index, tables: list[pd.DataFrame]) -> tuple[np.ndarray, list[str]]:
+    """The cluster (paragraph id) of each question id, from the per-query tables' `paragraph` column;
+    files written before it existed make each question its own cluster, which a note says."""
+    known = (
+        pd.concat([t[["question_id", "paragraph"]] for t in tables if "paragraph" in t]) if any("paragraph" in t for t in tables) else None
+    )
+    if known is None or known["paragraph"].isna().all():
+        return np.asarray(ids), ["the per-query files name no paragraphs (written before they did): questions are resampled one by one"]
+    paragraph = known.dropna().drop_duplicates("question_id").set_index("question_id")["paragraph"].reindex(ids)
+    missing = int(paragraph.isna().sum())
+    notes = [f"{missing} question ids have no paragraph and count as their own cluster"] if missing else []
+    return np.where(paragraph.isna(), np.asarray(ids, dtype=object), paragraph.to_numpy(dtype=object)).astype(str), notes
+
+
+def compatible_interval(result: seed_stats.ArmDifference, k: int, p_adjusted: float) -> tuple[float, float]:
+    """The interval of figure k at the level where its own p-value meets the family's threshold:
+    confidence 1 - ALPHA * p / p_adjusted, so it excludes 0 exactly when the adjusted p < ALPHA
+    (the reported interval and the "significant" flag cannot disagree). With no adjustment
+    (p_adjusted = p) it is the plain 95% interval."""
+    d, se, df, p = result.difference[k], result.se[k], result.df[k], result.p[k]
+    if se == 0 or not np.isfinite(se):
+        return d, d
+    level = ALPHA * (p / p_adjusted if p_adjusted > 0 else 1.0)
+    half = stats.t.ppf(1 - level / 2, df) * se
+    return d - half, d + half
+
+
+def compare(
+    entries: list[Entry], resamples: int = 10_000, seed: int = 0, against: int | None = None, adjustment: str = "holm"
+) -> tuple[pd.DataFrame, list[str]]:
     """Every pair of entries (B vs A, C vs A, ..., C vs B), or each entry against entry
     `against` only, on every headline figure; and notes.
 
-    A group's matrix is the mean over its seeds per question id and cell, so its figure is
-    the seeds' mean figure and the paired tests see each question's seed-averaged score;
-    the seeds' own figures give the mean ± sd columns. Holm's correction runs over the
-    figures of one pair. The same inputs and `seed` give the same intervals and p-values."""
+    Each entry is an arm of one or more runs (seeds). The difference of every figure carries
+    both sources of chance, the training seeds and the questions resampled by paragraph
+    (pipeline/analysis/seed_stats.py), in one t procedure; `adjustment` ('holm' or 'fdr_bh')
+    corrects the p-values over the whole report, every comparison x figure, and each interval
+    is the one compatible with that decision. The same inputs and `seed` give the same result."""
     if len(entries) < 2:
         raise PipelineError(f"compare needs at least two entries, got {len(entries)} (experiment names, git revisions or `workspace`)")
     longs = [[cells(t) for t in e.tables] for e in entries]
     lay, notes = layout([(m, long) for e, ls in zip(entries, longs) for m, long in zip(e.members, ls)])
-    mats, seed_figs = [], []
-    for ls in longs:
-        per_member = [matrices(long, lay) for long in ls]
-        mats.append(np.mean(per_member, axis=0))
-        seed_figs.append(np.array([macro(m.sum(0), lay) for m in per_member]))
-    rows = []
+    clusters, cluster_notes = clusters_of(lay.ids, [t for e in entries for t in e.tables])
+    notes += cluster_notes
+    runs = [[matrices(long, lay) for long in ls] for ls in longs]
+    seed_figs = [np.array([macro(m.sum(0), lay) for m in per_member]) for per_member in runs]
+    figure_of = partial(macro, lay=lay)
     pairs = itertools.combinations(enumerate(entries), 2)
     if against is not None:
         pairs = [((against, entries[against]), (j, b)) for j, b in enumerate(entries) if j != against]
+    rows, results = [], []
     for (i, a), (j, b) in pairs:
-        rng = np.random.default_rng([seed, i, j])
-        diff, low, high, p = paired_stats(mats[i], mats[j], lay, resamples, rng)
-        fig_a, fig_b = macro(mats[i].sum(0), lay), macro(mats[j].sum(0), lay)
-        for k, (figure, p_holm) in enumerate(zip(lay.figures, holm(p))):
-            rows.append(
-                {
-                    "comparison": f"{b.label} vs {a.label}",
-                    "figure": figure,
-                    "a_label": a.label,
-                    "b_label": b.label,
-                    "a": fig_a[k],
-                    "b": fig_b[k],
-                    **_seed_summary("a", seed_figs[i][:, k]),
-                    **_seed_summary("b", seed_figs[j][:, k]),
-                    "difference": diff[k],
-                    "ci_low": low[k],
-                    "ci_high": high[k],
-                    "p": p[k],
-                    "p_holm": p_holm,
-                    "significant": bool(p_holm < ALPHA),
-                }
-            )
-    return pd.DataFrame(rows), notes
+        result = seed_stats.difference(runs[i], runs[j], clusters, figure_of, resamples, np.random.default_rng([seed, i, j]))
+        results.append(result)
+        for k, figure in enumerate(lay.figures):
+            rows.append({
+                "comparison": f"{b.label} vs {a.label}", "figure": figure, "a_label": a.label, "b_label": b.label,
+                "a": seed_figs[i][:, k].mean(), "b": seed_figs[j][:, k].mean(),
+                **_seed_summary("a", seed_figs[i][:, k]), **_seed_summary("b", seed_figs[j][:, k]),
+                "difference": result.difference[k], "se": result.se[k], "df": result.df[k],
+                "seed_variance": result.seed_variance[k], "question_variance": result.question_variance[k], "p": result.p[k],
+            })  # fmt: skip
+        for label, single in ((a.label, result.a_single_run), (b.label, result.b_single_run)):
+            note = f"{label} is one run: its seed variance is unknown and not in the intervals"
+            if single and note not in notes:
+                notes.append(note)
+    table = pd.DataFrame(rows)
+    table["p_adjusted"] = seed_stats.adjust(table["p"].to_numpy(), adjustment)
+    figures = len(lay.figures)
+    bounds = [compatible_interval(results[r // figures], r % figures, p_adj) for r, p_adj in enumerate(table["p_adjusted"])]
+    table.insert(table.columns.get_loc("se"), "ci_low", [low for low, _ in bounds])
+    table.insert(table.columns.get_loc("se"), "ci_high", [high for _, high in bounds])
+    table["significant"] = table["p_adjusted"] < ALPHA
+    return table, notes
 
 
 def _seed_summary(side: str, figures: np.ndarray) -> dict:
@@ -305,16 +272,37 @@ def _side(row, side: str) -> str:
 
 
 def markdown(result: pd.DataFrame, header: str, notes: list[str]) -> str:
-    """A table to paste: one row per (pair, figure)."""
+    """A table to paste: one row per (pair, figure). `seed share` is the part of the difference's
+    variance that comes from the training seeds (the rest from the questions)."""
     lines = [header, ""] + [f"Note: {n}." for n in notes] + ([""] if notes else [])
-    lines += ["| comparison | figure | A | B | B − A | 95% CI | p | Holm p | significant |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    lines += [
+        "| comparison | figure | A | B | B − A | interval | seed share | p | adjusted p | significant |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
     for _, r in result.iterrows():
         f = r["figure"]
+        total = r["seed_variance"] + r["question_variance"]
+        share = f"{r['seed_variance'] / total:.0%}" if total > 0 else "—"
         lines.append(
             f"| {r['comparison']} | {figure_label(f)} | {_side(r, 'a')} | {_side(r, 'b')} | "
-            f"{_fmt(f, r['difference'])} | [{_fmt(f, r['ci_low'])}, {_fmt(f, r['ci_high'])}] | "
-            f"{r['p']:.4f} | {r['p_holm']:.4f} | {'yes' if r['significant'] else 'no'} |"
+            f"{_fmt(f, r['difference'])} | [{_fmt(f, r['ci_low'])}, {_fmt(f, r['ci_high'])}] | {share} | "
+            f"{r['p']:.4f} | {r['p_adjusted']:.4f} | {'yes' if r['significant'] else 'no'} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def power_markdown(seed_sd: dict[str, float]) -> str:
+    """How large a true difference n seeds per arm detect (80% power, two-sided 0.05), from the seed sd this
+    report's own runs measured; nothing where no arm has two runs."""
+    if not seed_sd:
+        return ""
+    table = seed_stats.power_table(seed_sd)
+    lines = ["", "Seeds needed: the smallest true difference n seeds per arm detect with 80% power at 0.05 (two-sided), "
+             "from the seed sd of this report's arms of several runs (" + ", ".join(f"{figure_label(f)} {sd:.4f}" for f, sd in seed_sd.items()) +
+             "); the question variance adds to it.", ""]  # fmt: skip
+    lines += ["| seeds per arm | " + " | ".join(figure_label(f) for f in table.columns) + " |", "|---:|" + "---:|" * len(table.columns)]
+    for seeds, row in table.iterrows():
+        lines.append(f"| {seeds} | " + " | ".join(_fmt(f, row[f]) for f in table.columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +328,7 @@ def plot_forest(result: pd.DataFrame, path: Path, title: str):
         ax.axvline(0, color="grey", linestyle="--", linewidth=1)
         ax.set_yticks(y, pairs)
         ax.set_title(figure_label(figure))
-        ax.set_xlabel("B − A (red: significant after Holm)", fontsize=8)
+        ax.set_xlabel("B − A (red: significant after the family's adjustment)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_ylim(-0.6, len(pairs) - 0.4)
     fig.suptitle(title, fontsize=9)
@@ -359,6 +347,7 @@ def main() -> None:
     parser.add_argument("--against", default=None, help="compare each entry with this one (a label or entry) only")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adjust", choices=list(ADJUSTMENT_NAMES), default="holm", help="multiplicity adjustment over the whole report")
     args = parser.parse_args()
     if len(args.entries) < 2:
         raise PipelineError(f"compare needs at least two entries, got {len(args.entries)} (experiment names, git revisions or `workspace`)")
@@ -373,15 +362,7 @@ def main() -> None:
         raise PipelineError(f"every entry is labelled {groups[0][0]}: nothing to compare after pooling")
     tables = {e: read_queries(rev, f"{folder}/{args.dataset}.parquet") for e, (_, rev, folder) in zip(args.entries, parsed)}
     if groups is None and args.group:
-        import dvc.api
-        from dvc.exceptions import DvcException
-
-        params = {}
-        for e, (_, rev, _) in zip(args.entries, parsed):
-            try:
-                params[e] = flatten(dvc.api.params_show(rev=None if rev == "workspace" else rev))
-            except DvcException as err:
-                raise PipelineError(f"{rev}: cannot read its params ({first_line(err)})") from None
+        params = {e: params_at(rev) for e, (_, rev, _) in zip(args.entries, parsed)}
         groups = group_entries(list(tables), params, args.group)
         if len(groups) < 2:
             raise PipelineError(f"all entries differ only in {args.group}: nothing to compare after pooling")
@@ -394,19 +375,27 @@ def main() -> None:
         if not found:
             raise PipelineError(f"--against: '{args.against}' is none of the entries ({', '.join(label for label, _ in groups)})")
         against = found[0]
-    result, notes = compare(entries, args.resamples, args.seed, against)
+    result, notes = compare(entries, args.resamples, args.seed, against, args.adjust)
     for label, members in groups:
         if len(members) > 1:
             notes.append(f"{label} pools {', '.join(m.partition('=')[2] or m for m in members)}")
+    revs = {entry: rev for entry, (_, rev, _) in zip(args.entries, parsed)}
+    runs = pd.DataFrame([run_rows(e.label, m, revs[m], headline(t)) for e in entries for m, t in zip(e.members, e.tables)])
+    tests = len(result)
     header = (
-        f"{args.dataset}: paired bootstrap over question ids ({args.resamples} resamples, BCa 95% CI) "
-        f"and paired randomization test, Holm over the figures of each comparison; seed {args.seed}"
+        f"{args.dataset}: difference B − A with seed and question variance (runs of an arm are its seeds; questions "
+        f"resampled by paragraph, {args.resamples} resamples; Satterthwaite t); p adjusted by "
+        f"{ADJUSTMENT_NAMES[args.adjust]} over all {tests} tests of this report, and each interval is the one that excludes 0 "
+        f"exactly when the adjusted p < {ALPHA} (95% where nothing is adjusted); seed {args.seed}"
     )
-    text = markdown(result, header, notes)
+    text = markdown(result, header, notes) + power_markdown(
+        seed_stats.pooled_seed_sd(runs.drop(columns=["run", "commit", "seed"]), "label")
+    )
     write_report(args.out, text, result)
+    write_table(f"{args.out}_runs.csv", runs)
     plot_forest(result, Path(f"{args.out}.png"), header)
     print(text, end="")
-    print(f"wrote {args.out}.md, {args.out}.csv and {args.out}.png")
+    print(f"wrote {args.out}.md, {args.out}.csv, {args.out}_runs.csv and {args.out}.png")
 
 
 if __name__ == "__main__":

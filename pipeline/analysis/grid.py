@@ -25,8 +25,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis.runs import BASE_FILE, METRICS_FILE, SUMMARY_FIGURES, exp_metric, exp_param, figure_label, lower_is_better
-from pipeline.common import PipelineError, run_stage, write_figure, write_report
+from pipeline.analysis.runs import (
+    BASE_FILE,
+    METRICS_FILE,
+    SUMMARY_FIGURES,
+    exp_metric,
+    exp_param,
+    figure_label,
+    lower_is_better,
+    metrics_file,
+)
+from pipeline.common import PipelineError, run_stage, write_figure, write_report, write_table
 from pipeline.params import SCHEMA
 
 
@@ -38,18 +47,23 @@ def grid_table(experiments: list[dict], dataset: str, match: str = "*", figures:
         name = exp.get("Experiment")
         if not name or not fnmatch.fnmatch(name, match):
             continue
-        values = {key: exp_metric(exp, f"{dataset}.{key}", METRICS_FILE, METRICS_FILE) for key in figures}
+        metrics = metrics_file(dataset)
+        values = {key: exp_metric(exp, f"{dataset}.{key}", metrics, metrics) for key in figures}
         if None in values.values():
             continue  # queued, failed, or evaluated on other datasets
-        base = {f"base_{key}": exp_metric(exp, f"{dataset}.{key}", BASE_FILE, METRICS_FILE) for key in figures}
+        base = {f"base_{key}": exp_metric(exp, f"{dataset}.{key}", BASE_FILE, metrics) for key in figures}
         params = {key: exp_param(exp, key) for key in SCHEMA}
-        rows.append({"experiment": name, **params, **values, **{k: np.nan if v is None else v for k, v in base.items()}})
+        rows.append(
+            {"experiment": name, "commit": exp.get("rev"), **params, **values, **{k: np.nan if v is None else v for k, v in base.items()}}
+        )
     if not rows:
         raise PipelineError(f"no finished experiment named like '{match}' has {dataset} metrics {', '.join(figures)} in {METRICS_FILE}")
     table = pd.DataFrame(rows)
     changed = [key for key in SCHEMA if table[key].astype(str).nunique() > 1]
+    runs = table[["experiment", "commit", *[key for key in ("seed", *changed) if key in table][: len(changed) + 1], *figures]]
     table = table[["experiment", *changed, *figures, *(f"base_{k}" for k in figures)]]
     table.insert(len(changed) + 1, "runs", 1)
+    table.attrs["runs"] = runs.loc[:, ~runs.columns.duplicated()]  # every run's commit, seed and figures: the per-run table
     return finish(table, figures)
 
 
@@ -183,13 +197,16 @@ def main() -> None:
         import dvc.api
 
         table = grid_table(dvc.api.exp_show(num=args.num), args.dataset, args.match, figures)
+    if "runs" in table.attrs:
+        write_table(f"{args.out}_runs.csv", table.attrs["runs"])
     if args.group:
         table = pool_runs(table, args.group, figures)
     text = markdown(table, args.dataset, figures)
     write_report(args.out, text, table)
     plotted = plot_frontier(table, Path(f"{args.out}.png"), args.dataset) is not None
     print(text, end="")
-    print(f"wrote {args.out}.md, {args.out}.csv" + (f" and {args.out}.png" if plotted else " (no Mo. mAP to plot against)"))
+    runs = f", {args.out}_runs.csv" if not args.csv else ""
+    print(f"wrote {args.out}.md, {args.out}.csv{runs}" + (f" and {args.out}.png" if plotted else " (no Mo. mAP to plot against)"))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import pyarrow as pa
 from pipeline.common import PipelineError, first_line, read_parquet
 from pipeline.contracts import QUERIES_SCHEMA
 
-METRICS_FILE = "metrics/eval.json"  # the fine-tuned model's figures
+METRICS_FILE = "metrics/eval.json"  # the fine-tuned model's figures on the test sets
 BASE_FILE = "metrics/eval_base.json"  # the zero-shot base's: the same names
+DEV_FILE = "metrics/dev.json"  # the fine-tuned model's figures on the held-out dev split (`dev.mono_map`, ...)
 PARAMS_FILE = "params.yaml"
 
 # Every headline figure a report shows, with its label; the first four are a run's summary.
@@ -36,9 +37,24 @@ SUMMARY_FIGURES = ("mono_map", "cross_map", "multi_map", "rank_distance")
 COMPARED_SCHEMA = pa.schema(
     [
         QUERIES_SCHEMA.field(name)
-        for name in ("setting", "query_lang", "passage_lang", "question_id", "ap", "recall_at_1", "recall_at_10", "rank_distance")
+        for name in (
+            "setting",
+            "query_lang",
+            "passage_lang",
+            "question_id",
+            "paragraph",
+            "ap",
+            "recall_at_1",
+            "recall_at_10",
+            "rank_distance",
+        )
     ]
 )
+
+
+def metrics_file(dataset: str) -> str:
+    """The metrics file a dataset's figures are in: the dev split's own, else the test sets'."""
+    return DEV_FILE if dataset == "dev" else METRICS_FILE
 
 
 def figure_label(figure: str) -> str:
@@ -107,7 +123,7 @@ def read_queries(rev: str, path: str, repo: str | None = None, schema: pa.Schema
         local = Path(repo or ".") / path
         if not local.exists():
             raise PipelineError(f"workspace: {path} not found (run `dvc repro evaluate` first)")
-        return read_parquet(local, schema).to_pandas()
+        return read_parquet(local, schema, optional=("paragraph",)).to_pandas()
     import dvc.api
     from dvc.exceptions import DvcException, PathMissingError
     from dvc.scm import RevError
@@ -129,6 +145,38 @@ def read_queries(rev: str, path: str, repo: str | None = None, schema: pa.Schema
         copy = Path(tmp) / Path(path).name
         copy.write_bytes(data)
         try:
-            return read_parquet(copy, schema).to_pandas()
+            return read_parquet(copy, schema, optional=("paragraph",)).to_pandas()
         except PipelineError as err:
             raise PipelineError(str(err).replace(str(copy), f"{rev}:{path}")) from None
+
+
+def commit_of(rev: str) -> str:
+    """The commit a run's files come from: a git revision's, a DVC experiment's (refs/exps/.../<name>),
+    or 'workspace' (uncommitted, on top of HEAD)."""
+    import subprocess
+
+    if rev == "workspace":
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return f"workspace on {head[:12]}" if head else "workspace"
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], capture_output=True, text=True).stdout.strip()
+    if found:
+        return found
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], capture_output=True, text=True).stdout
+    return next((sha for sha, ref in (line.split(" ", 1) for line in refs.splitlines()) if ref.endswith(f"/{rev}")), "unknown")
+
+
+def params_at(rev: str) -> dict:
+    """A run's params, flat (`sampler.ratio`), as DVC reads them at `rev` (an experiment, a git revision or 'workspace')."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return flatten(dvc.api.params_show(rev=None if rev == "workspace" else rev))
+    except DvcException as err:
+        raise PipelineError(f"{rev}: cannot read its params ({first_line(err)})") from None
+
+
+def run_rows(label: str, run: str, rev: str, figures: dict) -> dict:
+    """One row of a report's per-run table (`<out>_runs.csv`): which run, from which commit, with
+    which seed, and its own figures, so every mean ± sd of the report can be recomputed from it."""
+    return {"label": label, "run": run, "commit": commit_of(rev), "seed": params_at(rev).get("seed"), **figures}

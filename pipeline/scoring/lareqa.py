@@ -51,6 +51,7 @@ class RetrievalTask:
     langs: list[str]
     query_lang: np.ndarray  # [Q] index into langs
     query_id: np.ndarray  # [Q] question id (shared by a question's translations)
+    query_paragraph: np.ndarray  # [Q] its paragraph id, shared across languages (the unit statistics resample)
     query_text: list[str]
     candidate_text: list[str]  # pool ordered by language, then candidate index
     pool_offsets: np.ndarray  # [L + 1] slice of each language in the pool
@@ -98,6 +99,7 @@ def build_task(questions: pd.DataFrame, candidates: pd.DataFrame, langs: list[st
         langs=langs,
         query_lang=q_lang,
         query_id=questions["group_id"].to_numpy(dtype=object),
+        query_paragraph=questions["paragraph"].to_numpy(dtype=object),
         query_text=questions["question"].tolist(),
         candidate_text=candidates["sentence"].tolist(),
         pool_offsets=offsets,
@@ -183,6 +185,7 @@ def scores_from_queries(task: RetrievalTask, pairs: pd.DataFrame, multi: pd.Data
         ignore_index=True,
     )
     queries["question_id"] = task.query_id[queries["query"]].astype(str)
+    queries["paragraph"] = task.query_paragraph[queries["query"]].astype(str)
     columns = QUERIES_SCHEMA.names
     return TaskScores(queries[columns], pair_map, pair_r1, languages, by_resource_class(languages))
 
@@ -264,6 +267,7 @@ def subset_queries(task: RetrievalTask, rows: np.ndarray) -> RetrievalTask:
         task,
         query_lang=task.query_lang[rows],
         query_id=task.query_id[rows],
+        query_paragraph=task.query_paragraph[rows],
         query_text=[task.query_text[i] for i in rows],
         answers=task.answers[rows],
     )

@@ -84,6 +84,7 @@ def more_queries(task: RetrievalTask, queries: np.ndarray, factor: int) -> tuple
             task,
             query_lang=np.tile(task.query_lang, factor),
             query_id=np.tile(task.query_id, factor),
+            query_paragraph=np.tile(task.query_paragraph, factor),
             query_text=task.query_text * factor,
             answers=np.tile(task.answers, (factor, 1)),
         ),

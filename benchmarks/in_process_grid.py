@@ -10,8 +10,12 @@ killed grid resumes where it stopped and a time-limited one keeps what it finish
 written under data/, models/ or metrics/. Its figures are exploratory: finalists are rerun with
 `dvc exp run` and compared over seeds with `python -m pipeline.analysis.compare`.
 
-Run from the repository root, with data/parallel/ and data/raw/<dataset>/ made by `dvc repro batches`:
-    python benchmarks/in_process_grid.py GRID.yaml --out grid.csv [--base models/base] [--eval-batch-size 256]
+Run from the repository root, with data/parallel/, data/dev/ and data/raw/<dataset>/ made by `dvc repro batches`:
+    python benchmarks/in_process_grid.py GRID.yaml --out grid.csv [--queries grid_queries] [--base models/base] [--eval-batch-size 256]
+
+With --queries, each config's per-query results go to grid_queries/<name>/<dataset>.parquet, and
+`python -m pipeline.analysis.compare LABEL=workspace:grid_queries/<name> ... --dataset dev` compares
+configs with seed-aware intervals, runs of one label being its seeds.
 
 GRID.yaml is a list of `{name: NAME, set: {dotted.param: value, ...}}`; every config is checked
 against the params schema before the first one trains.
@@ -32,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.analysis.runs import flatten  # noqa: E402
 from pipeline.batches import plan_from_params  # noqa: E402
-from pipeline.common import PipelineError, run_stage  # noqa: E402
-from pipeline.evaluate import DEV_DATASET, evaluate_task, prepare_task, read_source_tables  # noqa: E402
+from pipeline.common import PipelineError, run_stage, write_parquet  # noqa: E402
+from pipeline.evaluate import DEV_DATASET, evaluate_task, prepare_task, queries_table, read_source_tables  # noqa: E402
 from pipeline.machine import describe, machine_record, resolve_precision  # noqa: E402
 from pipeline.params import Params, build, execution, read_params  # noqa: E402
 from pipeline.scoring.encoding import load_model  # noqa: E402
@@ -118,8 +122,9 @@ def append_row(out: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def run_config(params: Params, base: str, tasks: dict, eval_batch_size: int, device: str) -> dict:
-    """Plan, train a fresh base model and score every task: the config's figures and seconds."""
+def run_config(params: Params, base: str, tasks: dict, eval_batch_size: int, device: str, queries: Path | None = None) -> dict:
+    """Plan, train a fresh base model and score every task: the config's figures and seconds; with `queries`,
+    each task's per-query results too (`<queries>/<dataset>.parquet`, as `evaluate` writes them)."""
     started = time.perf_counter()
     plan, plan_figures, _ = plan_from_params(params)
     batches, _ = batches_from_plan(plan, params)
@@ -130,8 +135,10 @@ def run_config(params: Params, base: str, tasks: dict, eval_batch_size: int, dev
     bf16 = resolve_precision(params.evaluate.precision, model.device.type, "evaluate.precision") == "bf16"
     row = {"final_loss": summary["final_loss"], "negatives_planned": plan_figures.get("negatives.planned", 0)}
     for name, task in tasks.items():
-        figures = evaluate_task(model, task, prefixes, eval_batch_size, bf16).summary
-        row |= {f"{name}.{figure}": figures[figure] for figure in FIGURES}
+        result = evaluate_task(model, task, prefixes, eval_batch_size, bf16)
+        row |= {f"{name}.{figure}": result.summary[figure] for figure in FIGURES}
+        if queries is not None:
+            write_parquet(queries_table(result.scores), queries / f"{name}.parquet", made_by={"dataset": name})
     row |= {"train_s": round(trained - started, 1), "eval_s": round(time.perf_counter() - trained, 1)}
     row["machine"] = describe(summary["machine"])  # what train_s and eval_s were measured on
     del model
@@ -144,6 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="CSV, appended to one row per config")
+    parser.add_argument(
+        "--queries", type=Path, help="also write each config's per-query results to QUERIES/<name>/<dataset>.parquet (for compare)"
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--base", default="models/base")
     parser.add_argument("--eval-batch-size", type=int, help="default: HYBRIDIR_EVAL_BATCH_SIZE, else 16")
@@ -168,7 +178,7 @@ def main() -> None:
     for i, (name, _, flat, config_params) in enumerate(todo, 1):
         began = time.perf_counter()
         row = {"name": name} | {key: flat[key] for key in param_names}
-        row |= run_config(config_params, args.base, tasks, eval_batch_size, device)
+        row |= run_config(config_params, args.base, tasks, eval_batch_size, device, args.queries / name if args.queries else None)
         append_row(args.out, row)
         shown = "  ".join(f"{k.split('.', 1)[1]} {v:.4f}" for k, v in row.items() if k.endswith(FIGURES[:3]))
         print(f"[{i}/{len(todo)}] {name}: {shown}  ({time.perf_counter() - began:.0f} s)", flush=True)

@@ -18,6 +18,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline import fetch
+from pipeline.common import write_parquet
+from pipeline.contracts import DEV_DIR, pairs_stamp
+from pipeline.params import load_params
 from tests.helpers import REPO, mirror_file, stage_dir, write_raw
 
 pytestmark = pytest.mark.slow
@@ -35,8 +38,12 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
         doc = json.loads(mirror_file(f"lareqa/xquad-r/{lang}.json").read_text(encoding="utf-8"))
         parsed.append(fetch.parse_lareqa({"data": doc["data"][:1]}, lang, lang))
     params = (root / "params.yaml").read_text(encoding="utf-8")
-    write_raw(root, pa.concat_tables([q for q, _ in parsed]), pa.concat_tables([c for _, c in parsed]))
+    questions, candidates = fetch.link_across_languages(pa.concat_tables([q for q, _ in parsed])), pa.concat_tables([c for _, c in parsed])
+    write_raw(root, questions, candidates)
     (root / "params.yaml").write_text(params, encoding="utf-8")  # stage_dir's, not the repository's
+    checked = load_params(root / "params.yaml")
+    for table, name in ((questions, "questions"), (candidates, "candidates")):  # the article as a dev split too
+        write_parquet(table, root / DEV_DIR / f"{name}.parquet", made_by=pairs_stamp(checked.data.train, checked.data.dev_share))
     return root
 
 
@@ -82,10 +89,11 @@ def test_in_process_grid(project):
         "- name: tiny\n  set: {sampler.steps: 2, evaluate.langs: [en, de], evaluate.noise: []}\n",
         encoding="utf-8",
     )
-    out = run_benchmark(project, "in_process_grid.py", str(grid), "--out", "grid.csv")
+    out = run_benchmark(project, "in_process_grid.py", str(grid), "--out", "grid.csv", "--queries", "grid_queries")
     assert "[1/1] tiny:" in out
     header, row = (project / "grid.csv").read_text(encoding="utf-8").splitlines()
-    assert "xquad_r.mono_map" in header.split(",") and "machine" in header.split(",")
+    assert {"dev.mono_map", "xquad_r.mono_map", "machine"} <= set(header.split(","))
+    assert sorted(path.name for path in (project / "grid_queries" / "tiny").iterdir()) == ["dev.parquet", "xquad_r.parquet"]
 
 
 def test_translate_speed_tiny(tmp_path):

@@ -23,6 +23,7 @@ Tables:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,9 @@ QUERIES_SCHEMA = pa.schema(
 
 # The sampler params a plan is made from; `batches` stamps them and `train` checks them.
 SAMPLER_PARAMS = ("ratio", "schedule", "order", "batch_size", "steps", "negatives")
-# hybrid: a coin per batch (the paper); sequential: round(ratio * steps) mono batches, then
-# cross ones (or the reverse); multitask: mono and cross rows in every batch, one loss each;
-# pair: a coin per pair (baseline).
+# hybrid: a coin per batch (the paper); sequential: mono_count(ratio, steps) mono batches, then
+# cross ones (or the reverse); multitask: mono_count(ratio, batch_size) mono rows and the rest
+# cross in every batch, one loss each; pair: a coin per pair (baseline).
 SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
 SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
 # none | another sentence of the answer's paragraph in the passage's language | in the query's language
@@ -120,9 +121,16 @@ def pairs_stamp(data_train: str) -> dict:
     return {"data.train": data_train}
 
 
-def plan_stamp(seed: int, sampler: dict) -> dict:
-    """What `batches` stamps on the plan and `train` checks: the seed and every sampler param."""
-    return {"seed": seed, "sampler": {key: sampler[key] for key in SAMPLER_PARAMS}}
+def mono_count(ratio: float, n: int) -> int:
+    """Monolingual batches of a sequential run (n = steps), or rows of a multitask batch (n = batch_size)."""
+    return round(ratio * n)
+
+
+def plan_stamp(seed: int, sampler: dict, inert: Collection[str] = ()) -> dict:
+    """What `batches` stamps on the plan and `train` checks: the seed and every sampler param but the
+    `inert` ones (dotted names of params with no effect on the plan), so editing one leaves the plan's
+    bytes, and so the stages after it, as they were."""
+    return {"seed": seed, "sampler": {key: sampler[key] for key in SAMPLER_PARAMS if f"sampler.{key}" not in inert}}
 
 
 def queries_dir(metrics_file: str | Path) -> Path:

@@ -45,10 +45,9 @@ from pipeline.contracts import (
     PLAN_SCHEMA,
     Noise,
     pairs_stamp,
-    plan_stamp,
 )
 from pipeline.machine import describe, machine_record, resolve_precision
-from pipeline.params import Params, TrainParams, as_dict, execution, load_params
+from pipeline.params import Params, TrainParams, as_dict, execution, load_params, plan_made_by
 from pipeline.scoring.encoding import check_model_dir, load_model
 from pipeline.training.adversary import make_adversary
 from pipeline.training.checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
@@ -211,7 +210,7 @@ def main() -> None:
     settings = execution()
     world_size = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else settings.processes
     check_scale_out(world_size, params.sampler.batch_size, params.train.chunk_size)
-    plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by=plan_stamp(params.seed, as_dict(params.sampler)))
+    plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by=plan_made_by(params))
     batches, noise = batches_from_plan(plan, params)
     check_model_dir(args.base, "run `dvc repro base_model`")
     if not launched_by_torchrun() and settings.processes > 1:  # one process per rank, on this machine

@@ -28,11 +28,10 @@ from pipeline.contracts import (
     PLAN_PATH,
     QUESTIONS_SCHEMA,
     pairs_stamp,
-    plan_stamp,
     raw_stamp,
     raw_tables,
 )
-from pipeline.params import TrainParams
+from pipeline.params import TrainParams, build, plan_made_by
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,7 +246,7 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
         write_parquet(table, tmp_path / path, made_by=made_by)
     s = params["sampler"]
     plan = make_plan(pairs, steps=steps, ratio=s["ratio"], schedule=s["schedule"], negatives=s["negatives"])
-    write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_stamp(params["seed"], s))
+    write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_made_by(build(params)))
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")
     return tmp_path
 

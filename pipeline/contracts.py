@@ -37,6 +37,7 @@ PARALLEL_QUESTIONS_PATH = PARALLEL_DIR / "questions.parquet"
 PARALLEL_CANDIDATES_PATH = PARALLEL_DIR / "candidates.parquet"
 PLAN_PATH = Path("data/batches/plan.parquet")
 BASE_MODEL_DIR = Path("models/base")
+RESULTS_DIR = Path("results")  # where scoring a model by hand writes (git-ignored): never over a stage's outputs
 
 QUESTIONS_SCHEMA = pa.schema(
     [

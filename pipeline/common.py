@@ -78,7 +78,7 @@ def _restore_hint() -> str:
     cached = [os.path.relpath(out.path) for out in removed if out.cached]
     in_git = [os.path.relpath(out.path) for out in removed if not out.cached]
     ways = [f"`dvc checkout {stage}` restores {', '.join(cached)}"] if cached else []
-    ways += [f"`git checkout -- {' '.join(in_git)}` restores what DVC does not cache"] if in_git else []
+    ways += [f"`git checkout -- {' '.join(in_git)}` restores the rest as last committed"] if in_git else []
     return f" (dvc removed this stage's outputs before running it: {'; '.join(ways)})" if ways else ""
 
 

@@ -237,8 +237,9 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
     """A project folder ready for `train`: params, the parallel tables, a plan of `steps` batches of 4
     (with `sampler`'s schedule, ratio and negatives), the tiny base model."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"precision": "fp32", **train_params})
     params["sampler"].update({"batch_size": 4, "steps": steps, **(sampler or {})})  # the plan written below
+    plan_stamp = plan_made_by(build(params))  # before the train params, which a test may break on purpose
+    params["train"].update({"precision": "fp32", **train_params})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs()
     made_by = pairs_stamp(params["data"]["train"])
@@ -247,7 +248,7 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
         write_parquet(table, tmp_path / path, made_by=made_by)
     s = params["sampler"]
     plan = make_plan(pairs, steps=steps, ratio=s["ratio"], schedule=s["schedule"], negatives=s["negatives"])
-    write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_made_by(build(params)))
+    write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_stamp)
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")
     return tmp_path
 

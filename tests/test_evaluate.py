@@ -614,7 +614,7 @@ def test_under_dvc_repro_the_stage_writes_its_outputs_and_its_hint_names_each(dv
     refuse_declared_outputs(["metrics/eval.json", "metrics/eval_queries", "metrics/eval_plots", "metrics/eval_mteb"])
     assert _restore_hint() == (
         " (dvc removed this stage's outputs before running it: `dvc checkout evaluate@retriever` restores metrics/eval_queries; "
-        "`git checkout -- metrics/eval_plots metrics/eval.json` restores what DVC does not cache)"
+        "`git checkout -- metrics/eval_plots metrics/eval.json` restores the rest as last committed)"
     )
     monkeypatch.delenv("DVC_STAGE")
     assert _restore_hint() == ""

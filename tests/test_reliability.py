@@ -226,7 +226,7 @@ def test_under_dvc_repro_a_failing_stage_says_how_to_get_its_outputs_back(tmp_pa
     assert ours == [
         "error: params.yaml: sampler.ratio: expected a number, got the string '0.5' (dvc removed this stage's outputs before "
         "running it: `dvc checkout batches` restores data/batches/plan.parquet; `git checkout -- metrics/batches.json` restores "
-        "what DVC does not cache)"
+        "the rest as last committed)"
     ]
     assert not (cwd / "data/batches/plan.parquet").exists()  # what the line warns of
     subprocess.run([sys.executable, "-m", "dvc", "checkout", "-q", "batches"], cwd=cwd, check=True)
@@ -309,7 +309,7 @@ def test_a_stage_failing_under_dvc_repro_says_exactly_how_to_restore_each_output
     assert _our_errors(result) == [
         "error: models/base/model.safetensors: truncated or corrupt (fewer bytes than its header lists) (run `dvc repro "
         "base_model`) (dvc removed this stage's outputs before running it: `dvc checkout train` restores models/retriever; "
-        "`git checkout -- metrics/train.json metrics/train_live/plots/metrics` restores what DVC does not cache)"
+        "`git checkout -- metrics/train.json metrics/train_live/plots/metrics` restores the rest as last committed)"
     ]
     assert files_under(project, *outputs) == {}  # what the line warns of
     assert dvc(project, "checkout", "train").returncode == 0

@@ -45,10 +45,10 @@ from pipeline.contracts import (
     PLAN_PATH,
     PLAN_SCHEMA,
     QUESTIONS_SCHEMA,
+    mono_count,
     pairs_stamp,
-    plan_stamp,
 )
-from pipeline.params import Params, as_dict, load_params
+from pipeline.params import Params, inert_note, inert_params, load_params, plan_made_by
 
 
 def groups_from_pairs(pairs: pa.Table, origin: str | Path = PAIRS_PATH) -> dict[str, list[str]]:
@@ -124,11 +124,6 @@ class _GroupCycle:
         return window[chosen]
 
 
-def mono_count(ratio: float, n: int) -> int:
-    """Monolingual batches of a sequential run (n = steps), or rows of a multitask batch (n = batch_size)."""
-    return round(ratio * n)
-
-
 def _kinds_drawn(ratio: float, schedule: str, batch_size: int, steps: int) -> tuple[bool, bool]:
     """(whether some row is monolingual, whether some row is cross-lingual) under these params."""
     if schedule == "sequential":
@@ -202,6 +197,13 @@ def plan_batches(
     (the multi-language groups when ratio < 1, since any pair may turn out cross) and each
     pair is mono with probability `ratio`, its language uniform over its group's.
     A cross pair's (query, passage) languages are uniform over its group's ordered pairs.
+
+    What each batch holds for the loss (pipeline/training/loss.py), checked before any work:
+    hybrid, sequential and pair batches are one task of batch_size >= 2 pairs, so each query
+    has batch_size - 1 in-batch negatives; a multitask batch is two tasks scored apart, so
+    each task present needs 2 rows or more (params.py's RULES refuse 1 mono or 1 cross row).
+    No batch holds two pairs of one group (a translation of a query's own question is never
+    its negative), so every pool must hold batch_size distinct groups (`_check_groups`).
     """
     group_ids = sorted(groups)
     langs = sorted({lang for g in group_ids for lang in groups[g]})
@@ -372,8 +374,11 @@ def main() -> None:
     sampler = params.sampler
     with atomic_outputs(args.out, args.metrics) as (plan_path, metrics_path):
         plan, metrics, n_groups = plan_from_params(params)
-        write_parquet(plan, plan_path, made_by=plan_stamp(params.seed, as_dict(sampler)))
+        write_parquet(plan, plan_path, made_by=plan_made_by(params))
         write_json(metrics, metrics_path)
+    ignored = {name: why for name, why in inert_params(params).items() if name.startswith("sampler.")}
+    if ignored:
+        print(f"batches: no effect on the plan, left out of its stamp: {inert_note(ignored)}")
     negatives = (
         f", {metrics['negatives.planned']} {sampler.negatives} hard negatives ({metrics['negatives.skipped']} rows without)"
         if sampler.negatives != "none"

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,58 @@ def run_stage(main: Callable[[], Any]) -> None:
         sys.exit(130)
 
 
+@dataclass(frozen=True)
+class DeclaredOutput:
+    """An output that dvc.yaml declares."""
+
+    stage: str  # as DVC addresses it: `train`, `evaluate@retriever`
+    path: Path  # absolute
+    cached: bool  # in DVC's cache, so `dvc checkout` restores it; else (`cache: false`) git tracks it
+    persist: bool  # kept when its stage reruns
+
+
+def declared_outputs(stage: str | None = None) -> list[DeclaredOutput]:
+    """The outputs dvc.yaml declares, of one stage or of all, as DVC itself reads the file (foreach
+    stages expanded, variables resolved); none outside a DVC project."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        with Repo() as repo:
+            stages = repo.stage.collect(stage) if stage else repo.index.stages
+            return [DeclaredOutput(s.addressing, Path(out.fs_path), out.use_cache, out.persist) for s in stages for out in s.outs]
+    except NotDvcRepoError:
+        return []
+
+
 def _restore_hint() -> str:
-    """Under `dvc repro`, DVC deletes a stage's cached outputs before running it: say how to get them back."""
+    """Under `dvc repro`, DVC removes a stage's outputs (all but `persist` ones) before running it: say
+    how to get each back, `dvc checkout <stage>` the cached ones and git the ones DVC does not cache."""
     stage = os.environ.get("DVC_STAGE")
     if not stage:
         return ""
-    return f" (dvc removed the stage's previous outputs before running it; `dvc checkout {stage}` restores them)"
+    removed = [out for out in declared_outputs(stage) if not out.persist]
+    cached = [os.path.relpath(out.path) for out in removed if out.cached]
+    in_git = [os.path.relpath(out.path) for out in removed if not out.cached]
+    ways = [f"`dvc checkout {stage}` restores {', '.join(cached)}"] if cached else []
+    ways += [f"`git checkout -- {' '.join(in_git)}` restores the rest as last committed"] if in_git else []
+    return f" (dvc removed this stage's outputs before running it: {'; '.join(ways)})" if ways else ""
+
+
+def refuse_declared_outputs(paths: list[str | Path]) -> None:
+    """Outside `dvc repro`, refuse to write over or inside an output that dvc.yaml declares (or a folder
+    holding one): it would replace what its stage made, and what git or DVC tracks, unseen."""
+    if os.environ.get("DVC_STAGE"):
+        return
+    declared = declared_outputs()
+    for path in paths:
+        target = Path(path).resolve()
+        for out in declared:
+            if target == out.path or out.path in target.parents or target in out.path.parents:
+                what = "is" if target == out.path else f"would replace {os.path.relpath(out.path)},"
+                raise PipelineError(
+                    f"{path}: {what} an output of stage {out.stage} in dvc.yaml, which only `dvc repro` writes (choose another path)"
+                )
 
 
 def first_line(err: BaseException) -> str:

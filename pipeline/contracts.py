@@ -25,6 +25,7 @@ Tables:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ PARALLEL_CANDIDATES_PATH = PARALLEL_DIR / "candidates.parquet"
 DEV_DIR = Path("data/dev")  # the held-out dev split of the training source: questions.parquet, candidates.parquet
 PLAN_PATH = Path("data/batches/plan.parquet")
 BASE_MODEL_DIR = Path("models/base")
+RESULTS_DIR = Path("results")  # where scoring a model by hand writes (git-ignored): never over a stage's outputs
 
 QUESTIONS_SCHEMA = pa.schema(
     [
@@ -101,9 +103,9 @@ QUERIES_SCHEMA = pa.schema(
 
 # The sampler params a plan is made from; `batches` stamps them and `train` checks them.
 SAMPLER_PARAMS = ("ratio", "schedule", "order", "batch_size", "steps", "negatives")
-# hybrid: a coin per batch (the paper); sequential: round(ratio * steps) mono batches, then
-# cross ones (or the reverse); multitask: mono and cross rows in every batch, one loss each;
-# pair: a coin per pair (baseline).
+# hybrid: a coin per batch (the paper); sequential: mono_count(ratio, steps) mono batches, then
+# cross ones (or the reverse); multitask: mono_count(ratio, batch_size) mono rows and the rest
+# cross in every batch, one loss each; pair: a coin per pair (baseline).
 SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
 SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
 # none | another sentence of the answer's paragraph in the passage's language | in the query's language
@@ -126,9 +128,16 @@ def pairs_stamp(data_train: str, dev_share: float) -> dict:
     return {"data.train": data_train, "data.dev_share": dev_share}
 
 
-def plan_stamp(seed: int, sampler: dict) -> dict:
-    """What `batches` stamps on the plan and `train` checks: the seed and every sampler param."""
-    return {"seed": seed, "sampler": {key: sampler[key] for key in SAMPLER_PARAMS}}
+def mono_count(ratio: float, n: int) -> int:
+    """Monolingual batches of a sequential run (n = steps), or rows of a multitask batch (n = batch_size)."""
+    return round(ratio * n)
+
+
+def plan_stamp(seed: int, sampler: dict, inert: Collection[str] = ()) -> dict:
+    """What `batches` stamps on the plan and `train` checks: the seed and every sampler param but the
+    `inert` ones (dotted names of params with no effect on the plan), so editing one leaves the plan's
+    bytes, and so the stages after it, as they were."""
+    return {"seed": seed, "sampler": {key: sampler[key] for key in SAMPLER_PARAMS if f"sampler.{key}" not in inert}}
 
 
 def queries_dir(metrics_file: str | Path) -> Path:

@@ -5,6 +5,11 @@ loads, encodes every distinct text once (pipeline/scoring/encoding.py), scores a
 (pipeline/scoring/lareqa.py), adds the noisy-query report (pipeline/scoring/robustness.py) and MTEB
 tasks (pipeline/scoring/mteb_tasks.py), and writes the metrics JSON, the per-query results
 (one Parquet file per dataset, for pipeline/analysis/compare.py) and the plots together.
+
+dvc.yaml's commands name every output path. Run by hand, results go to
+`results/<model folder name>/` (git-ignored) unless `--out`/`--mteb-results` say otherwise,
+and a path that dvc.yaml declares as a stage's output is refused: scoring another model
+must not replace the tracked metrics of the pipeline's own.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pipeline.common import (
     PipelineError,
     atomic_outputs,
     read_parquet,
+    refuse_declared_outputs,
     run_stage,
     stage_parser,
     write_json,
@@ -32,6 +38,7 @@ from pipeline.contracts import (
     QUERIES_SCHEMA,
     QUESTIONS_SCHEMA,
     RAW_DIR,
+    RESULTS_DIR,
     Noise,
     pairs_stamp,
     queries_dir,
@@ -112,12 +119,19 @@ def queries_table(scores: TaskScores) -> pa.Table:
     return pa.Table.from_pandas(scores.queries, QUERIES_SCHEMA, preserve_index=False).replace_schema_metadata(None)
 
 
+def results_dir(model: str) -> Path:
+    """Where a model scored by hand has its results by default: results/<the model folder's name>."""
+    return RESULTS_DIR / Path(model).resolve().name
+
+
 def main() -> None:
-    parser = stage_parser(__doc__, model="models/retriever", out="metrics/eval.json", plots=None, mteb_results="metrics/eval_mteb")
+    parser = stage_parser(__doc__, model="models/retriever", out=None, plots=None, mteb_results=None)
     parser.add_argument("--dataset", help="comma-separated datasets (default: evaluate.datasets)")
     parser.add_argument("--langs", help="comma-separated language codes (default: evaluate.langs or all)")
     parser.add_argument("--batch-size", type=int, help="texts per encoding batch (default: HYBRIDIR_EVAL_BATCH_SIZE, else 16)")
     args = parser.parse_args()
+    args.out = args.out or str(results_dir(args.model) / "eval.json")
+    args.mteb_results = args.mteb_results or str(results_dir(args.model) / "mteb")
     params = load_params(args.params)
     evaluate = params.evaluate
     datasets = args.dataset.split(",") if args.dataset else list(evaluate.datasets)
@@ -131,6 +145,7 @@ def main() -> None:
     if dev_only and not args.langs:
         langs = None  # evaluate.langs names test-set languages; the dev split is scored in every language it has
     outputs = [args.out, queries_dir(args.out)] + ([args.plots] if args.plots else [])
+    refuse_declared_outputs([*outputs, args.mteb_results])
     with atomic_outputs(*outputs) as (out_tmp, queries_tmp, *plots_tmp):
         # every input is checked before the model loads
         tasks = {}

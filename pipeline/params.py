@@ -11,6 +11,11 @@ type and value, then the RULES that tie parameters together (plan size, fetched 
 languages). Booleans are not integers, integers are accepted where numbers are expected,
 NaN and infinities are refused everywhere.
 
+A parameter can do nothing under the chosen options (`sampler.order` unless the schedule is
+sequential, `translate.*` without a translation model; INERT lists them): `inert_params`
+names them, the `params` stage reports them, and the plan's stamp leaves them out, so an
+edit of one reruns no stage after those that list it.
+
 Only what changes a result is a parameter. How a run executes on this machine (processes,
 checkpoint interval, rendezvous timeout, encoding batch size) is read from environment
 variables by `execution()` (EXECUTION): DVC does not track them, so a CPU run and a GPU
@@ -45,7 +50,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import PipelineError, atomic_path, run_stage, stage_parser
-from pipeline.contracts import NEGATIVE_MODES, PARAMS_CHECKED_PATH, PRECISIONS, SAMPLER_ORDERS, SAMPLER_SCHEDULES, Noise
+from pipeline.contracts import (
+    NEGATIVE_MODES,
+    PARAMS_CHECKED_PATH,
+    PRECISIONS,
+    SAMPLER_ORDERS,
+    SAMPLER_SCHEDULES,
+    Noise,
+    mono_count,
+    plan_stamp,
+)
 from pipeline.sources.catalogue import LAREQA_SOURCES, SQUAD_SOURCES
 from pipeline.sources.languages import NLLB_CODES
 
@@ -380,6 +394,24 @@ def _source_lang_in_train(p: dict) -> tuple[str, str] | None:
     return None
 
 
+def _tasks_have_negatives(p: dict) -> tuple[str, str] | None:
+    """Multitask scores each task's queries against its own task's rows only (pipeline/training/loss.py):
+    a task with one row in a batch has no in-batch negative, and its InfoNCE is 0 whatever the model."""
+    if p["sampler.schedule"] != "multitask":
+        return None
+    batch, ratio = p["sampler.batch_size"], p["sampler.ratio"]
+    mono = mono_count(ratio, batch)
+    if 1 not in (mono, batch - mono):
+        return None
+    # below 4 pairs no ratio gives two tasks of two rows: the batch size is what to change
+    name, other = ("sampler.ratio", "sampler.batch_size") if batch >= 4 else ("sampler.batch_size", "sampler.ratio")
+    return name, (
+        f"{_fmt(p[name])} at {other} {_fmt(p[other])} gives multitask {mono} mono and {batch - mono} cross "
+        f"row{'s' if batch - mono > 1 else ''} per batch; each task needs at least 2 rows, so that every query "
+        f"has an in-batch negative (or ratio 0 or 1 for one task)"
+    )
+
+
 def _datasets_fetched(p: dict) -> tuple[str, str] | None:
     for name in p["evaluate.datasets"]:
         if name != p["data.train"] and name not in p["data.eval"]:
@@ -396,7 +428,7 @@ def _langs_in_datasets(p: dict) -> tuple[str, str] | None:
 
 
 RULES: list[Callable[[dict], tuple[str, str] | None]] = [
-    _plan_size, _chunk_fits, _squad_needs_model, _source_lang_in_train, _datasets_fetched, _langs_in_datasets,
+    _plan_size, _chunk_fits, _tasks_have_negatives, _squad_needs_model, _source_lang_in_train, _datasets_fetched, _langs_in_datasets,
 ]  # fmt: skip
 
 
@@ -538,6 +570,42 @@ def as_dict(group) -> dict:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(group).items()}
 
 
+# Params that do nothing under some value of another: (the params, why they do nothing here, or None
+# where they act). They are reported, and the plan's stamp leaves them out (plan_made_by), so an
+# edit of one reruns no stage after the ones that list it.
+INERT: list[tuple[tuple[str, ...], Callable[[Params], str | None]]] = [
+    (("sampler.order",), lambda p: None if p.sampler.schedule == "sequential" else f"sampler.schedule is {p.sampler.schedule}"),
+    (("train.adversary_lr",), lambda p: None if p.train.adversarial_weight else "train.adversarial_weight is 0"),
+    (("train.query_noise_rate",), lambda p: None if p.train.query_noise else "train.query_noise is empty"),
+    (
+        tuple(name for name in SCHEMA if name.startswith("translate.") and name != "translate.model"),
+        lambda p: None if p.translate.model is not None else "translate.model is null",
+    ),
+    (("data.squad", "data.squad_split"), lambda p: None if p.data.train in SQUAD_SOURCES else f"data.train is {p.data.train}"),
+    (("evaluate.noise_queries", "evaluate.noise_seed"), lambda p: None if p.evaluate.noise else "evaluate.noise is off"),
+    (("evaluate.mteb_langs",), lambda p: None if p.evaluate.mteb_tasks or p.evaluate.mteb_benchmarks else "no MTEB task or benchmark"),
+]  # fmt: skip
+
+
+def inert_params(params: Params) -> dict[str, str]:
+    """The params that have no effect under the chosen options, each with why ("sampler.schedule is hybrid")."""
+    return {name: why for names, rule in INERT if (why := rule(params)) for name in names}
+
+
+def inert_note(inert: Mapping[str, str]) -> str:
+    """One line naming the inert params, grouped by why: "sampler.order (sampler.schedule is hybrid), ..."."""
+    by_why: dict[str, list[str]] = {}
+    for name, why in inert.items():
+        by_why.setdefault(why, []).append(name)
+    return ", ".join(f"{', '.join(names)} ({why})" for why, names in by_why.items())
+
+
+def plan_made_by(params: Params) -> dict:
+    """The stamp `batches` writes on the plan and `train` checks, without the sampler params that do
+    nothing under these options: a plan of equal content is then equal bytes, and DVC reruns nothing after it."""
+    return plan_stamp(params.seed, as_dict(params.sampler), inert_params(params))
+
+
 def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -636,11 +704,14 @@ def main() -> None:
     if args.list:
         print("\n".join(schema_lines()))
         return
-    load_params(args.params)  # validates it
+    params = load_params(args.params)  # validates it
     execution()  # and the execution settings of this environment
     with atomic_path(args.out) as tmp:
         tmp.write_text(CHECKED_NOTE, encoding="utf-8")
     print(f"{args.params}: {len(SCHEMA)} parameters OK")
+    inert = inert_params(params)
+    if inert:
+        print(f"{args.params}: no effect under the chosen options: {inert_note(inert)}")
 
 
 if __name__ == "__main__":

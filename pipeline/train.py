@@ -7,9 +7,10 @@ decay. Batches follow the plan in order (pipeline/training/planned.py); checkpoi
 written atomically every HYBRIDIR_CHECKPOINT_EVERY steps (pipeline/training/checkpoint.py),
 and `--resume` continues a killed run from the last one, ending in the same state as an
 uninterrupted run. The checkpoint is the source of truth for where a run is: it carries the
-logged curves too, and the dvclive log is rebuilt from it on resume (whatever a kill left
-of the log). Forward passes run under bf16 autocast where `train.precision` resolves to it
-(pipeline/machine.py); the loss and softmax stay fp32.
+logged curves too, and the dvclive log is rebuilt from it on resume. The log is an output
+like the model: written aside and moved into place with it, so an interrupted run leaves
+every output of the stage as it was. Forward passes run under bf16 autocast where
+`train.precision` resolves to it (pipeline/machine.py); the loss and softmax stay fp32.
 
 The plan may add to a batch (docs/strategies.md): a hard negative per pair; under
 `sampler.schedule: multitask`, two tasks, each with its own InfoNCE over its own rows.
@@ -45,13 +46,12 @@ from pipeline.contracts import (
     PLAN_SCHEMA,
     Noise,
     pairs_stamp,
-    plan_stamp,
 )
 from pipeline.machine import describe, machine_record, resolve_precision
-from pipeline.params import Params, TrainParams, as_dict, execution, load_params
+from pipeline.params import Params, TrainParams, as_dict, execution, load_params, plan_made_by
 from pipeline.scoring.encoding import check_model_dir, load_model
 from pipeline.training.adversary import make_adversary
-from pipeline.training.checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
+from pipeline.training.checkpoint import check_ranks_agree, load_checkpoint, run_fingerprint, save_checkpoint
 from pipeline.training.distributed import World, check_scale_out, init_world, launched_by_torchrun, relaunch_under_torchrun
 from pipeline.training.loss import contrastive_step
 from pipeline.training.planned import PlannedBatch, has_negatives, plan_texts, query_noise_draws
@@ -113,7 +113,8 @@ def check_finite(loss: float, step: int, config: TrainParams) -> None:
 def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, run: TrainRun | None = None) -> dict:
     """Fine-tune `model` in place on the planned batches with the recipe `config`; returns the run's summary figures.
 
-    Only rank 0 logs and writes checkpoints; every rank resumes from them. On resume the
+    Only rank 0 logs and writes checkpoints; every rank resumes from them, and all ranks must
+    start from the same step of the same inputs (`check_ranks_agree`). On resume the
     curves logged before the checkpoint are passed to `run.log` again, so a log opened
     fresh holds the whole run, with no step twice.
     """
@@ -126,8 +127,10 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
     adversary = make_adversary(model, batches, config)
     optimizer, scheduler = make_optimizer(model, config, steps, adversary)
     start, history = (0, [])
-    if run.checkpoint and run.resume:
-        start, history = load_checkpoint(run.checkpoint, model, optimizer, scheduler, run.fingerprint, adversary)
+    if run.checkpoint:
+        if run.resume:
+            start, history = load_checkpoint(run.checkpoint, model, optimizer, scheduler, run.fingerprint, adversary)
+        check_ranks_agree(world, run.checkpoint, start, run.fingerprint)
     precision = resolve_precision(config.precision, model.device.type, "train.precision")
     bf16 = precision == "bf16"
     log = run.log if world.lead else None
@@ -211,7 +214,7 @@ def main() -> None:
     settings = execution()
     world_size = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else settings.processes
     check_scale_out(world_size, params.sampler.batch_size, params.train.chunk_size)
-    plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by=plan_stamp(params.seed, as_dict(params.sampler)))
+    plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by=plan_made_by(params))
     batches, noise = batches_from_plan(plan, params)
     check_model_dir(args.base, "run `dvc repro base_model`")
     if not launched_by_torchrun() and settings.processes > 1:  # one process per rank, on this machine
@@ -227,10 +230,11 @@ def main() -> None:
         return
     from dvclive import Live
 
-    with atomic_outputs(args.out, args.metrics) as (model_out, metrics_out):
+    with atomic_outputs(args.out, args.metrics, args.live) as (model_out, metrics_out, live_out):
         model = load_model(args.base, max_length, device)
-        # A fresh log, refilled from the checkpoint's history: never trust what a kill left of it.
-        with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False, resume=False) as live:
+        # A fresh log beside the old one, refilled from the checkpoint's history on resume, and
+        # moved into place with the model: an interrupted run leaves the previous curves as they were.
+        with Live(dir=str(live_out), save_dvc_exp=False, dvcyaml=False, resume=False) as live:
 
             def log(step: int, metrics: dict) -> None:
                 live.step = step

@@ -3,6 +3,7 @@ stage directories. Small real data: slices of the mirror, or data made here."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -28,11 +29,10 @@ from pipeline.contracts import (
     PLAN_PATH,
     QUESTIONS_SCHEMA,
     pairs_stamp,
-    plan_stamp,
     raw_stamp,
     raw_tables,
 )
-from pipeline.params import TrainParams
+from pipeline.params import TrainParams, build, plan_made_by
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,8 +244,9 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
     """A project folder ready for `train`: params, the parallel tables, a plan of `steps` batches of 4
     (with `sampler`'s schedule, ratio and negatives), the tiny base model."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"precision": "fp32", **train_params})
     params["sampler"].update({"batch_size": 4, "steps": steps, **(sampler or {})})  # the plan written below
+    plan_stamp = plan_made_by(build(params))  # before the train params, which a test may break on purpose
+    params["train"].update({"precision": "fp32", **train_params})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs()
     made_by = pairs_stamp(params["data"]["train"], params["data"]["dev_share"])
@@ -254,7 +255,7 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
         write_parquet(table, tmp_path / path, made_by=made_by)
     s = params["sampler"]
     plan = make_plan(pairs, steps=steps, ratio=s["ratio"], schedule=s["schedule"], negatives=s["negatives"])
-    write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_stamp(params["seed"], s))
+    write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_stamp)
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")
     return tmp_path
 
@@ -296,6 +297,67 @@ def write_params(root: Path, **dotted) -> dict:
         node[name] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return params
+
+
+# --- projects under DVC, built from the repository's own dvc.yaml ---------------------------
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}  # fmt: skip
+
+
+def repo_stages(*names: str, commands: dict[str, str] | None = None) -> dict:
+    """Stages of the repository's dvc.yaml for a test's own project: their params, data deps and outputs
+    as they are, `python` this interpreter, no code deps (the project has no pipeline/ folder), and a
+    stand-in command where `commands` gives one."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    picked = {}
+    for name in names:
+        stage = copy.deepcopy(stages[name])
+        body = stage["do"] if "foreach" in stage else stage
+        body["cmd"] = (commands or {}).get(name) or body["cmd"].replace("python ", f"{sys.executable} ", 1)
+        body["deps"] = [dep for dep in body["deps"] if not dep.startswith("pipeline/")]
+        picked[name] = stage
+    return picked
+
+
+def stage_outputs(name: str) -> list[str]:
+    """Every output the repository's dvc.yaml declares for stage `name` (outs, metrics, plots)."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][name]
+    return [next(iter(out)) if isinstance(out, dict) else out for key in ("outs", "metrics", "plots") for out in stage.get(key, [])]
+
+
+def dvc_env(**settings: str) -> dict[str, str]:
+    """The environment of `dvc` run by a test: this checkout's pipeline package, a git identity, no analytics."""
+    return {**os.environ, **GIT_IDENTITY, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", **settings}
+
+
+def dvc(cwd: Path, *args: str, **settings: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=dvc_env(**settings), capture_output=True, text=True, timeout=600
+    )
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, env=dvc_env(), check=True, capture_output=True)
+
+
+def init_dvc_project(root: Path, stages: dict) -> None:
+    """git and DVC in `root`, with `stages` as its dvc.yaml, all of it committed (dvclive needs a commit)."""
+    git(root, "init", "-q")
+    assert dvc(root, "init", "-q").returncode == 0
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False), encoding="utf-8")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "project")
+
+
+def files_under(root: Path, *relative: str | Path) -> dict[str, bytes]:
+    """Every file at or under the given paths, by path relative to `root`: what a test compares before and after."""
+    files = {}
+    for rel in relative:
+        path = root / rel
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                files[str(f.relative_to(root))] = f.read_bytes()
+    return files
 
 
 def without_dropout(model):

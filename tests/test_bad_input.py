@@ -28,6 +28,7 @@ import yaml
 from pipeline import base_model, batches, evaluate, fetch, train, translate
 from pipeline.common import run_stage, write_parquet
 from pipeline.contracts import BASE_MODEL_DIR, PAIRS_PATH, PLAN_PATH, pairs_stamp, raw_tables
+from pipeline.params import build, plan_made_by
 from pipeline.sources.catalogue import LAREQA_SOURCES, XQUAD_R
 from tests.helpers import REPO, mirror_file, no_questions
 
@@ -106,7 +107,7 @@ def valid_project(tmp_path_factory, tiny_model_dir) -> Path:
     sampler = params["sampler"]
     plan_params = {key: value for key, value in sampler.items() if key != "negatives"}
     plan = batches.plan_batches(batches.groups_from_pairs(pairs), seed=params["seed"], **plan_params)
-    write_parquet(plan, root / "data/batches/plan.parquet", made_by={"seed": params["seed"], "sampler": sampler})
+    write_parquet(plan, root / "data/batches/plan.parquet", made_by=plan_made_by(build(params)))
     shutil.copytree(tiny_model_dir, root / "models/base")
     shutil.copytree(tiny_model_dir, root / "models/retriever")
     (root / "squad.json").write_text(json.dumps(SQUAD_DOC))
@@ -216,6 +217,9 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("tokenizer file deleted", "train", lambda p: (p.root / "models/base/tokenizer.json").unlink(), r"models/base: (cannot load the tokenizer|the tokenizer has \d+ tokens but the embedding matrix has \d+ rows).*"),
     ("weights truncated", "train", lambda p: _truncate(p.root / "models/base/model.safetensors"), r"models/base/model.safetensors: truncated or corrupt \(fewer bytes than its header lists\)"),
     ("weights truncated (evaluate)", "evaluate", lambda p: _truncate(p.root / "models/retriever/model.safetensors"), r"models/retriever/model.safetensors: truncated or corrupt"),
+    # issue 27: weights that do not fit the architecture would be a random init, scored as if trained
+    ("config edited to another architecture", "evaluate", lambda p: _edit_config(p.root / "models/retriever", model_type="gpt2"), r"models/retriever: the weights do not fit the GPT2Model that config.json describes \(\d+ missing: .*; \d+ unexpected: .*\); loading them would initialise the rest at random"),
+    ("config edited to another architecture (train)", "train", lambda p: _edit_config(p.root / "models/base", model_type="gpt2"), r"models/base: the weights do not fit the GPT2Model that config.json describes"),
     # params found by trying (issue 15): one schema, checked whole before any work
     ("misspelt key", "batches", lambda p: _add_param(p, "sampler", "ratoi", 0.25), r"params.yaml: sampler.ratoi: unknown parameter \(did you mean sampler.ratio\?\)"),
     ("misspelt group", "train", lambda p: _add_param(p, "sampeler", "ratio", 0.25), r"params.yaml: sampeler: unknown parameter group \(did you mean sampler\?\)"),
@@ -237,10 +241,16 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("unknown schedule", "batches", lambda p: p.params(**{"sampler.schedule": "curriculum"}), r"params.yaml: sampler.schedule: 'curriculum' is not one of hybrid, sequential, multitask, pair"),
     ("unknown negatives mode", "batches", lambda p: p.params(**{"sampler.negatives": "bm25"}), r"params.yaml: sampler.negatives: 'bm25' is not one of none, paragraph, query_language"),
     ("negatives without the questions", "batches", lambda p: p.params(**{"sampler.negatives": "paragraph"}), r"data/parallel/questions.parquet: file not found"),
+    ("multitask with one row per task", "batches", lambda p: p.params(**{"sampler.schedule": "multitask", "sampler.batch_size": 2, "sampler.ratio": 0.5, "sampler.negatives": "none"}), r"params.yaml: sampler.batch_size: 2 at sampler.ratio 0.5 gives multitask 1 mono and 1 cross row per batch; each task needs at least 2 rows, so that every query has an in-batch negative \(or ratio 0 or 1 for one task\)"),
     ("adversarial weight below 0", "train", lambda p: p.params(**{"train.adversarial_weight": -1}), r"params.yaml: train.adversarial_weight: -1 must be >= 0"),
     ("unknown query noise", "train", lambda p: p.params(**{"train.query_noise": ["blur"]}), r"params.yaml: train.query_noise\[0\]: unknown noise 'blur'"),
     ("translation model offline", "translate", lambda p: p.params(**{"translate.model": "no-such-org/no-such-nllb"}), r"params.yaml: translate.model: cannot load 'no-such-org/no-such-nllb'"),
 ]  # fmt: skip
+
+
+def _edit_config(model_dir: Path, **changes) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
 
 
 def _truncate(path: Path) -> None:

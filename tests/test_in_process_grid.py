@@ -65,9 +65,9 @@ def test_grid_rows_equal_what_the_stages_measure_and_a_rerun_skips_finished_conf
     assert [r["name"] for r in table] == ["default", "hot"]
     default_temperature = yaml.safe_load((project / "params.yaml").read_text())["train"]["temperature"]
     assert table[1]["train.temperature"] == "0.5" and float(table[0]["train.temperature"]) == default_temperature
-    # The same config through the stages, as `dvc repro batches train evaluate` runs them.
-    for stage in ("batches", "train", "evaluate"):
-        done = subprocess.run([sys.executable, "-m", "pipeline." + stage], cwd=project, capture_output=True, text=True, timeout=600)
+    # The same config through the stages, as `dvc repro batches train evaluate@retriever` runs them.
+    for stage, args in (("batches", []), ("train", []), ("evaluate", ["--out", "metrics/eval.json"])):
+        done = subprocess.run([sys.executable, "-m", "pipeline." + stage, *args], cwd=project, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     stage = json.loads((project / "metrics/eval.json").read_text())["xquad_r"]
     for figure in ("mono_map", "cross_map", "multi_map", "rank_distance"):

@@ -21,13 +21,17 @@ from pipeline.common import PipelineError, run_stage
 from pipeline.params import (
     EXECUTION,
     GROUP_CLASSES,
+    INERT,
     MAX_PLAN_ROWS,
     REPLACED,
     SCHEMA,
     Execution,
+    build,
     execution,
+    inert_params,
     leaves,
     load_params,
+    plan_made_by,
     read_params,
     validate,
 )
@@ -200,6 +204,21 @@ VALUE_CASES = [
     ({"sampler.batch_size": 0}, "sampler.batch_size: 0 must be >= 2 (InfoNCE needs in-batch negatives)"),
     ({"sampler.batch_size": 16.0}, "sampler.batch_size: expected an integer, got the number 16.0"),
     ({"sampler.steps": 0}, "sampler.steps: 0 must be >= 1"),
+    (  # issue 27: one row per task, so no query has an in-batch negative and the loss is 0
+        {"sampler.schedule": "multitask", "sampler.batch_size": 2, "sampler.ratio": 0.5},
+        "sampler.batch_size: 2 at sampler.ratio 0.5 gives multitask 1 mono and 1 cross row per batch; each task needs "
+        "at least 2 rows, so that every query has an in-batch negative (or ratio 0 or 1 for one task)",
+    ),
+    (
+        {"sampler.schedule": "multitask", "sampler.batch_size": 16, "sampler.ratio": 0.05},
+        "sampler.ratio: 0.05 at sampler.batch_size 16 gives multitask 1 mono and 15 cross rows per batch; each task needs "
+        "at least 2 rows, so that every query has an in-batch negative (or ratio 0 or 1 for one task)",
+    ),
+    (
+        {"sampler.schedule": "multitask", "sampler.batch_size": 3, "sampler.ratio": 0.5},
+        "sampler.batch_size: 3 at sampler.ratio 0.5 gives multitask 2 mono and 1 cross row per batch; each task needs "
+        "at least 2 rows, so that every query has an in-batch negative (or ratio 0 or 1 for one task)",
+    ),
     (
         {"sampler.steps": 10**12, "sampler.batch_size": 16},
         (
@@ -253,6 +272,9 @@ GOOD_EDITS = [
     {"sampler.ratio": 0.0, "sampler.batch_size": 2, "sampler.schedule": "pair"},
     {"sampler.schedule": "sequential", "sampler.order": "cross_first", "sampler.negatives": "query_language"},
     {"sampler.schedule": "multitask", "sampler.negatives": "paragraph", "train.chunk_size": 4},
+    {"sampler.schedule": "multitask", "sampler.batch_size": 4, "sampler.ratio": 0.5},  # two tasks of two rows
+    {"sampler.schedule": "multitask", "sampler.batch_size": 2, "sampler.ratio": 1},  # one task: every row mono
+    {"sampler.schedule": "hybrid", "sampler.batch_size": 2, "sampler.ratio": 0.5},  # one task per batch
     {"train.adversarial_weight": 0.1, "train.query_noise": ["typo_0.05", "lowercase"], "train.query_noise_rate": 1},
     {"sampler.steps": MAX_PLAN_ROWS // 16, "sampler.batch_size": 16},
     {"evaluate.langs": ["de", "en"], "evaluate.noise": None, "evaluate.noise_queries": None, "evaluate.mteb_tasks": None},
@@ -352,7 +374,9 @@ def test_stage_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["params_schema"])
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     run_stage(params_schema.main)
-    assert capsys.readouterr().out == f"params.yaml: {len(SCHEMA)} parameters OK\n"
+    ok, inert = capsys.readouterr().out.splitlines()
+    assert ok == f"params.yaml: {len(SCHEMA)} parameters OK"
+    assert inert.startswith("params.yaml: no effect under the chosen options: sampler.order (sampler.schedule is hybrid), ")
     checked = tmp_path / "data/checked/params.ok"
     first = checked.read_bytes()
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("ratio: 0.5", "ratio: 0.25"))
@@ -364,6 +388,38 @@ def test_stage_command(tmp_path, monkeypatch, capsys):
         run_stage(params_schema.main)
     assert exited.value.code == 2
     assert capsys.readouterr().err == "error: params.yaml: sampler.ratoi: unknown parameter (did you mean sampler.ratio?)\n"
+
+
+def test_inert_params_are_those_the_chosen_options_ignore():
+    repo = load_params(REPO / "params.yaml")  # hybrid, no adversary, no query noise, no translation, no MTEB
+    translate = [name for name in SCHEMA if name.startswith("translate.") and name != "translate.model"]
+    assert set(inert_params(repo)) == {
+        "sampler.order", "train.adversary_lr", "train.query_noise_rate", *translate, "data.squad", "data.squad_split", "evaluate.mteb_langs",
+    }  # fmt: skip
+    assert inert_params(repo)["sampler.order"] == "sampler.schedule is hybrid"
+    used = build(
+        edited(
+            {
+                "sampler.schedule": "sequential",
+                "train.adversarial_weight": 0.1,
+                "train.query_noise": ["lowercase"],
+                "data.train": "squad",
+                "translate.model": "facebook/nllb-200-distilled-600M",
+                "evaluate.noise": None,
+                "evaluate.mteb_tasks": ["XQuADRetrieval"],
+            }
+        )
+    )
+    assert inert_params(used) == {"evaluate.noise_queries": "evaluate.noise is off", "evaluate.noise_seed": "evaluate.noise is off"}
+    assert all(name in SCHEMA for names, _ in INERT for name in names)
+
+
+def test_the_plan_stamp_leaves_out_what_does_not_change_the_plan():
+    hybrid = {name: build(edited({"sampler.order": name})) for name in ("mono_first", "cross_first")}
+    assert plan_made_by(hybrid["mono_first"]) == plan_made_by(hybrid["cross_first"])
+    assert "order" not in plan_made_by(hybrid["mono_first"])["sampler"]
+    sequential = [build(edited({"sampler.schedule": "sequential", "sampler.order": name})) for name in ("mono_first", "cross_first")]
+    assert plan_made_by(sequential[0])["sampler"]["order"] == "mono_first" != plan_made_by(sequential[1])["sampler"]["order"]
 
 
 def test_list_prints_every_param(monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from pipeline import train
+from pipeline.common import PipelineError
 from pipeline.scoring import encoding
 from pipeline.training.distributed import World
 from pipeline.training.loss import contrastive_step, info_nce_loss
@@ -119,6 +121,52 @@ def test_two_gloo_processes_take_the_same_step_as_one(tiny_model_dir, tmp_path):
         assert torch.allclose(weight, two["state"][name], atol=TOL), name
         moved += not torch.equal(weight, before[name])
     assert moved > 10  # the step really changed the weights
+
+
+RESUME_STEPS = 4
+
+
+def _resume_from_own_folder(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
+    """Rank `rank` of a gloo group resumes from its own folder's checkpoint (out/rank<r>/train.pt), as
+    each node of a run without a shared filesystem does; writes the step it resumed from, or its error line."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    pairs = make_pairs()
+    batches = plan_texts(make_plan(pairs, steps=RESUME_STEPS), pairs, "query: ", "passage: ")
+    run = train.TrainRun(Path(out) / f"rank{rank}" / "train.pt", resume=True, fingerprint="run", world=World(rank, world_size))
+    try:
+        result = train.train(load(Path(model_dir)), batches, CONFIG, SEED, run)["resumed_from_step"]
+    except PipelineError as err:
+        result = str(err)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_ranks_resume_together_or_all_stop_with_one_line(tiny_model_dir, tmp_path, shared):
+    """Every rank reads the checkpoint from its own disk: without a shared folder rank 0 would resume at
+    step 2 and rank 1 at 0, their collectives still pairing up (issue 27). They must agree, or all stop."""
+    import torch.multiprocessing as mp
+
+    pairs = make_pairs()
+    batches = plan_texts(make_plan(pairs, steps=RESUME_STEPS), pairs, "query: ", "passage: ")
+    first = tmp_path / "rank0" / "train.pt"
+    train.train(load(tiny_model_dir), batches, CONFIG, SEED, train.TrainRun(first, fingerprint="run", checkpoint_every=2, stop_after=2))
+    assert torch.load(first, weights_only=True)["step"] == 2
+    if shared:  # the same checkpoint on both nodes
+        (tmp_path / "rank1").mkdir()
+        shutil.copy(first, tmp_path / "rank1" / "train.pt")
+    mp.spawn(_resume_from_own_folder, args=(2, free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    if shared:
+        assert results == [2, 2]
+        return
+    for rank, message in enumerate(results):
+        assert message.startswith(f"{tmp_path / f'rank{rank}' / 'train.pt'}: the 2 processes would start from different points (")
+        assert "rank 0 at step 2 of inputs " in message and "rank 1 at step 0 of inputs " in message
+        assert message.endswith("every node must see the same checkpoint and inputs (a shared folder), or remove "
+                                f"{tmp_path / f'rank{rank}' / 'train.pt'} on every node")  # fmt: skip
 
 
 def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):

@@ -127,10 +127,15 @@ def read_queries(rev: str, path: str, repo: str | None = None, schema: pa.Schema
     import dvc.api
     from dvc.exceptions import DvcException, PathMissingError
     from dvc.scm import RevError
+    from dvc_data.index import DataIndexError
 
     try:
         with dvc.api.open(path, repo=repo, rev=rev, mode="rb") as f:
             data = f.read()
+    except DataIndexError:  # a folder output (metrics/eval_queries) whose listing is not in this clone's cache
+        raise PipelineError(
+            f"{rev}: {path} is not in this clone's DVC cache (`dvc pull` it, or run that revision again with `dvc exp run`)"
+        ) from None
     except RevError:
         raise PipelineError(f"{rev}: unknown revision (not an experiment name, a git revision or `workspace`)") from None
     except (PathMissingError, FileNotFoundError):

@@ -2,7 +2,10 @@
 
 A model directory is checked before anything is loaded from it: a missing tokenizer
 file makes `AutoTokenizer` fall back to a handful of tokens without any error, and a
-truncated weights file fails deep inside a library, so both get one line here.
+truncated weights file fails deep inside a library, so both get one line here. Models
+load strictly: weights that do not fit the architecture config.json names (an edited
+`model_type`, another model's file) are an error, where transformers would initialise
+what is missing at random and only log a warning.
 
 Which precision runs where is decided in pipeline/machine.py; `autocast` applies it.
 """
@@ -42,12 +45,12 @@ def _safetensors_complete(path: Path) -> bool:
     return 8 + header_len + end <= path.stat().st_size
 
 
-def check_model_dir(name: str, hint: str = "") -> None:
+def check_model_dir(name: str, hint: str = "") -> Path | None:
     """Refuse a model directory that would load wrong or fail late: one line naming the file.
 
     Checks the files a sentence-transformers checkpoint needs (modules.json, the encoder's
     config and weights, whole) and that its tokenizer's vocabulary matches the embedding
-    matrix. A hub id is left to the hub.
+    matrix; returns the encoder's folder. A hub id is left to the hub (None).
     """
     from transformers import AutoTokenizer
 
@@ -56,7 +59,7 @@ def check_model_dir(name: str, hint: str = "") -> None:
     if not path.exists():
         if _looks_local(name):
             raise PipelineError(f"{name}: no such directory{where}")
-        return
+        return None
     if not (path / "modules.json").is_file():
         raise PipelineError(f"{name}: not a sentence-transformers model (no modules.json){where}")
     try:
@@ -81,17 +84,54 @@ def check_model_dir(name: str, hint: str = "") -> None:
             f"{encoder_dir}: the tokenizer has {tokens} tokens but the embedding matrix has {vocab_size} rows "
             f"(a tokenizer file is missing or broken){where}"
         )
+    return encoder_dir
+
+
+@contextlib.contextmanager
+def loading_report_held_back():
+    """Silence transformers' loading report (a table of weights that did not load) and progress bar:
+    `check_weights_fit` turns what they say into one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def check_weights_fit(encoder, encoder_dir: Path) -> None:
+    """Refuse weights that do not fit the encoder's architecture: transformers' own loading info for the
+    class the model was built as, read again on the meta device (no weights are copied). Weights of the
+    wrong shape already fail the load."""
+    with loading_report_held_back():
+        _, info = type(encoder).from_pretrained(str(encoder_dir), config=encoder.config, device_map="meta", output_loading_info=True)
+    kinds = {"missing": info["missing_keys"], "unexpected": info["unexpected_keys"]}
+    found = [f"{len(keys)} {kind}: {', '.join(sorted(keys)[:2])}{', ...' if len(keys) > 2 else ''}" for kind, keys in kinds.items() if keys]
+    if found:
+        raise PipelineError(
+            f"{encoder_dir}: the weights do not fit the {type(encoder).__name__} that config.json describes "
+            f"({'; '.join(found)}); loading them would initialise the rest at random"
+        )
 
 
 def load_model(name: str, max_length: int, device: str | None = None):
-    """A checked sentence-transformers model (a directory or a hub id), truncating at `max_length` tokens."""
+    """A checked sentence-transformers model (a directory or a hub id), truncating at `max_length` tokens;
+    a directory's weights must fit its architecture exactly."""
     from sentence_transformers import SentenceTransformer
 
-    check_model_dir(name)
+    encoder_dir = check_model_dir(name)
     try:
-        model = SentenceTransformer(name, device=device)
+        with loading_report_held_back():
+            model = SentenceTransformer(name, device=device)
     except Exception as err:  # a bad directory or an unreachable hub fails in many library-specific ways
         raise PipelineError(f"{name}: cannot load a sentence-transformers model ({first_line(err)})") from None
+    if encoder_dir is not None:
+        check_weights_fit(model[0].auto_model, encoder_dir)
     model.max_seq_length = max_length
     return model
 

@@ -234,15 +234,20 @@ def sibling_error_shares(queries: pd.DataFrame) -> dict[str, float]:
     return shares
 
 
+def _quoted(codes: list[str]) -> str:
+    """'en', '' : an empty or blank code (`--langs en,`) is seen, not lost between commas."""
+    return ", ".join(repr(code) for code in codes)
+
+
 def select_langs(available: list[str], wanted: list[str] | None, dataset: str) -> list[str]:
     if not wanted:
         return available
     repeated = sorted({lang for lang in wanted if wanted.count(lang) > 1})
     if repeated:
-        raise PipelineError(f"{dataset}: language code(s) repeated: {', '.join(repeated)}")
+        raise PipelineError(f"{dataset}: language code(s) repeated: {_quoted(repeated)}")
     unknown = [lang for lang in wanted if lang not in available]
     if unknown:
-        raise PipelineError(f"{dataset}: unknown language code(s) {', '.join(unknown)} (available: {', '.join(available)})")
+        raise PipelineError(f"{dataset}: unknown language code(s) {_quoted(unknown)} (available: {', '.join(available)})")
     return list(wanted)
 
 

@@ -2,7 +2,10 @@
 
 A checkpoint holds the model, optimizer, scheduler, RNG states, the plan position and the
 curves logged so far; its fingerprint (a hash of the plan, the data, the params and the
-base weights) keeps `--resume` from ever mixing two different runs.
+base weights) keeps `--resume` from ever mixing two different runs. Every rank of a
+distributed run reads the checkpoint from its own disk, so the ranks check that they start
+from one step of one run (`check_ranks_agree`): on nodes without a shared folder one would
+resume at step k and the others at 0, and their collectives would still pair up.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common import atomic_outputs, first_line
+from pipeline.common import PipelineError, atomic_outputs, first_line
+from pipeline.training.distributed import World
 
 
 def rng_state() -> list:
@@ -72,3 +76,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str, a
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return step, history
+
+
+def check_ranks_agree(world: World, path: Path, step: int, fingerprint: str) -> None:
+    """Stop every rank, with one line, unless all start at the same step of a run of the same inputs."""
+    starts = world.each_rank((step, fingerprint))
+    if len(set(starts)) > 1:
+        found = ", ".join(f"rank {rank} at step {at} of inputs {inputs[:8]}" for rank, (at, inputs) in enumerate(starts))
+        raise PipelineError(
+            f"{path}: the {world.size} processes would start from different points ({found}): every node must see "
+            f"the same checkpoint and inputs (a shared folder), or remove {path} on every node"
+        )

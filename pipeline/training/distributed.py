@@ -56,6 +56,15 @@ class World:
         dist.all_gather(parts, tensor.contiguous())
         return parts
 
+    def each_rank(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order: what ranks must agree on, each
+        rank seeing all of them, so a disagreement stops every rank alike."""
+        if self.size == 1:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks, in place."""
         if self.size > 1:
@@ -90,6 +99,8 @@ def init_world(timeout_s: float) -> World:
     if size == 1:
         return World()
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if torch.cuda.is_available():  # before the group forms: NCCL binds each rank to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         with c_stderr_held_back():  # c10d logs a C++ stack trace for a failed connection
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
@@ -99,8 +110,6 @@ def init_world(timeout_s: float) -> World:
             f"torch.distributed: no process group of {size} at {where} within {timeout_s:g} s "
             f"(HYBRIDIR_RENDEZVOUS_TIMEOUT_S): {first_line(err)}"
         ) from None
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 
 

@@ -103,6 +103,23 @@ def test_translate_speed_tiny(tmp_path):
     assert "ctranslate2 int8" in out and "transformers fp32" in out and "x tokens/s" in out
 
 
+def test_eval_backends_torch_paths(project):
+    """OpenVINO, NNCF and ONNX Runtime are not dependencies (docs/benchmarks.md): here the script's torch
+    backends and its accuracy check run; the other backends are measured where those are installed."""
+    out = run_benchmark(
+        project, "eval_backends.py", "--backends", "torch-fp32,torch-bf16", "--texts", "12", "--rounds", "1",
+        "--more-batch-sizes", "8", "--langs", ",".join(LANGS), "--limit", "4", "--speed-gate", "0",
+    )  # fmt: skip
+    assert "(a, b) 12 distinct en texts" in out and "(c) LAReQA xquad_r" in out
+    assert [
+        line.split()[0] for line in out.splitlines() if line.startswith("    torch-") and "texts/s" not in line and "encoded" not in line
+    ][:2] == [
+        "torch-fp32",
+        "torch-bf16",
+    ]
+    assert "openvino -" in out  # not installed here: said, not failed
+
+
 def test_every_benchmark_script_is_run_here():
     tested = {name for name in Path(__file__).read_text(encoding="utf-8").split('"') if name.endswith(".py")}
     assert {path.name for path in (REPO / "benchmarks").glob("*.py")} <= tested

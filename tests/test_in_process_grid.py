@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipeline.common import write_parquet
-from pipeline.contracts import PAIRS_PATH, PARALLEL_CANDIDATES_PATH, PARALLEL_QUESTIONS_PATH, pairs_stamp
+from pipeline.contracts import DEV_DIR, PAIRS_PATH, PARALLEL_CANDIDATES_PATH, PARALLEL_QUESTIONS_PATH, pairs_stamp
 from tests.helpers import REPO, corpus_of, make_pairs, write_params, write_raw
 
 pytestmark = pytest.mark.slow  # subprocesses, torchrun, dvc or a grid: `pytest -m 'not slow'` skips it
@@ -40,6 +40,8 @@ def project(tmp_path, tiny_model_dir) -> Path:
     made_by = pairs_stamp("mlqa_r", 0.1)
     for table, path in zip((pairs, questions, candidates), (PAIRS_PATH, PARALLEL_QUESTIONS_PATH, PARALLEL_CANDIDATES_PATH)):
         write_parquet(table, tmp_path / path, made_by=made_by)
+    for table, name in ((questions, "questions"), (candidates, "candidates")):  # the same corpus as the dev split
+        write_parquet(table, tmp_path / DEV_DIR / f"{name}.parquet", made_by=made_by)
     shutil.copytree(tiny_model_dir, tmp_path / "models/base")
     return tmp_path
 
@@ -72,6 +74,18 @@ def test_grid_rows_equal_what_the_stages_measure_and_a_rerun_skips_finished_conf
     stage = json.loads((project / "metrics/eval.json").read_text())["xquad_r"]
     for figure in ("mono_map", "cross_map", "multi_map", "rank_distance"):
         assert float(table[0][f"xquad_r.{figure}"]) == pytest.approx(stage[figure], abs=1e-6), figure
+    dev = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", "--dataset", "dev", "--out", "metrics/dev.json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert dev.returncode == 0, dev.stderr
+    on_dev = json.loads((project / "metrics/dev.json").read_text())["dev"]
+    assert float(table[0]["dev.multi_map"]) == pytest.approx(
+        on_dev["multi_map"], abs=1e-6
+    )  # the grid chooses on what evaluate_dev measures
     trained = json.loads((project / "metrics/train.json").read_text())
     assert float(table[0]["final_loss"]) == pytest.approx(trained["final_loss"], abs=1e-6)
     # The override was trained with: a tiny model's mAP may not move at six digits, its loss at temperature 0.5 does.
@@ -90,7 +104,10 @@ def test_grid_rows_equal_what_the_stages_measure_and_a_rerun_skips_finished_conf
         ([{"name": "a", "set": {"sampler.ratio": 2.0}}], "sampler.ratio"),
         ([{"name": "a"}, {"name": "a"}], "entry 2: name 'a' used twice"),
         ([], "expected a non-empty list"),
-        ([{"name": "a"}, {"name": "b", "set": {"evaluate.langs": ["en"]}}], "the same evaluate.datasets and evaluate.langs"),
+        (
+            [{"name": "a"}, {"name": "b", "set": {"evaluate.langs": ["en"]}}],
+            "the same evaluate.datasets, evaluate.langs, data.train and data.dev_share",
+        ),
     ],
 )
 def test_bad_grids_are_one_line_before_any_training(project, grid, message):

@@ -110,6 +110,9 @@ SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
 SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
 # none | another sentence of the answer's paragraph in the passage's language | in the query's language
 NEGATIVE_MODES = ("none", "paragraph", "query_language")
+# The headline figure of each LAReQA setting: the metrics name them, and so do the dev curve
+# (`dev/<figure>` in metrics/train_live) and `train.keep_best`.
+HEADLINE_FIGURES = ("mono_map", "cross_map", "multi_map")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where the device has native bf16 units (pipeline/machine.py)
 
 

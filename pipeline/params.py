@@ -51,6 +51,7 @@ from typing import Any
 
 from pipeline.common import PipelineError, atomic_path, run_stage, stage_parser
 from pipeline.contracts import (
+    HEADLINE_FIGURES,
     NEGATIVE_MODES,
     PARAMS_CHECKED_PATH,
     PRECISIONS,
@@ -194,6 +195,8 @@ SCHEMA: dict[str, Spec] = {
     "train.adversary_lr": number("the language classifier's peak learning rate", lo=0, lo_open=True),
     "train.query_noise": list_of(string(noun="noise name", check=_noise), "perturbations of training queries", empty_ok=True),
     "train.query_noise_rate": number("share of training queries perturbed", lo=0, hi=1),
+    "train.eval_every": integer("steps between dev evaluations during training (0 = none)", lo=0),
+    "train.keep_best": string("keep the weights of the dev evaluation best by this figure", choices=lambda: HEADLINE_FIGURES, nullable=True, null_means="the last step's weights"),
 }  # fmt: skip
 
 # Parameters that are gone, and what replaced them: a file that still has one gets this line.
@@ -427,8 +430,24 @@ def _langs_in_datasets(p: dict) -> tuple[str, str] | None:
     return None
 
 
+def _dev_curve_has_a_dev_split(p: dict) -> tuple[str, str] | None:
+    if p["train.eval_every"] and not p["data.dev_share"]:
+        return (
+            "train.eval_every",
+            f"{p['train.eval_every']} scores the dev split every so many steps, but data.dev_share is 0 (no dev split)",
+        )
+    return None
+
+
+def _keep_best_has_a_dev_curve(p: dict) -> tuple[str, str] | None:
+    if p["train.keep_best"] is not None and not p["train.eval_every"]:
+        return "train.keep_best", f"{p['train.keep_best']} picks a step of the dev curve, but train.eval_every is 0 (no dev curve)"
+    return None
+
+
 RULES: list[Callable[[dict], tuple[str, str] | None]] = [
     _plan_size, _chunk_fits, _tasks_have_negatives, _squad_needs_model, _source_lang_in_train, _datasets_fetched, _langs_in_datasets,
+    _dev_curve_has_a_dev_split, _keep_best_has_a_dev_curve,
 ]  # fmt: skip
 
 
@@ -544,6 +563,8 @@ class TrainParams:
     adversary_lr: float
     query_noise: tuple[str, ...]
     query_noise_rate: float
+    eval_every: int
+    keep_best: str | None
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,17 @@ VALUE_CASES = [
     ({"train.query_noise": ["typo"]}, "train.query_noise[0]: 'typo': a typo rate must be a number in (0, 1], e.g. typo_0.05"),
     ({"train.query_noise": None}, "train.query_noise: expected a list of noise names, got null"),
     ({"train.query_noise_rate": 1.5}, "train.query_noise_rate: 1.5 is outside [0, 1]"),
+    ({"train.eval_every": -1}, "train.eval_every: -1 must be >= 0"),
+    ({"train.eval_every": True}, "train.eval_every: expected an integer, got the boolean true"),
+    (
+        {"train.eval_every": 10, "data.dev_share": 0},
+        "train.eval_every: 10 scores the dev split every so many steps, but data.dev_share is 0 (no dev split)",
+    ),
+    ({"train.keep_best": "map", "train.eval_every": 10}, "train.keep_best: 'map' is not one of mono_map, cross_map, multi_map"),
+    (
+        {"train.keep_best": "multi_map"},
+        "train.keep_best: multi_map picks a step of the dev curve, but train.eval_every is 0 (no dev curve)",
+    ),
 ]
 
 # Edits that must stay valid: ints where numbers go, nulls where allowed, the edges of ranges.

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 PARAMS_CHECKED_PATH = Path("data/checked/params.ok")  # the `params` stage's output, upstream of every stage
 RAW_DIR = Path("data/raw")
+OWN_SOURCE = "own"  # the source name of data of the user's own (data.train: a file, folder or hub id): data/raw/own/
 PARALLEL_DIR = Path("data/parallel")
 PAIRS_PATH = PARALLEL_DIR / "pairs.parquet"
 PARALLEL_QUESTIONS_PATH = PARALLEL_DIR / "questions.parquet"
@@ -121,9 +122,10 @@ def raw_tables(source: str, raw_dir: Path = RAW_DIR) -> tuple[Path, Path]:
     return raw_dir / source / "questions.parquet", raw_dir / source / "candidates.parquet"
 
 
-def raw_stamp(source: str) -> dict:
-    """What `fetch` stamps on a source's tables (a SQuAD source adds its spec and split)."""
-    return {"source": source}
+def raw_stamp(source: str, data_train: str | None = None) -> dict:
+    """What `fetch` stamps on a source's tables (a SQuAD source adds its spec and split); data of the
+    user's own (OWN_SOURCE) also names the file or dataset id it came from, `data.train`."""
+    return {"source": source, "data.train": data_train} if source == OWN_SOURCE else {"source": source}
 
 
 def pairs_stamp(data_train: str, dev_share: float) -> dict:

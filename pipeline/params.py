@@ -61,7 +61,7 @@ from pipeline.contracts import (
     mono_count,
     plan_stamp,
 )
-from pipeline.sources.catalogue import LAREQA_SOURCES, SQUAD_SOURCES
+from pipeline.sources.catalogue import LAREQA_SOURCES, OWN_FILE_LOADERS, SQUAD_SOURCES, is_own_data, known_sources, source_license
 from pipeline.sources.languages import NLLB_CODES
 
 # steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
@@ -141,17 +141,25 @@ def _compute_type(name: str) -> str | None:
     return f"{name!r} is not one of auto, {', '.join(ACCEPTED_MODEL_TYPES)}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
-def _sources() -> list[str]:
-    return sorted(set(LAREQA_SOURCES) | SQUAD_SOURCES)
+def _training_source(value: str) -> str | None:
+    """A known source, or data of the user's own: a .parquet/.jsonl/.csv file, or a folder or hub id (a name with a /).
+    Whether it exists is `fetch`'s to say: it reads it."""
+    if not is_own_data(value) or Path(value).suffix.lower() in OWN_FILE_LOADERS or "/" in value:
+        return None
+    close = difflib.get_close_matches(value, known_sources(), n=1, cutoff=0.75)
+    return f"{value!r} is not one of {', '.join(known_sources())}, nor a .parquet, .jsonl or .csv file, a folder or a hub id (org/name)" + (
+        f" (did you mean {close[0]}?)" if close else ""
+    )
 
 
-SOURCE = string(noun="source name", choices=_sources)
+SOURCE = string(noun="source name", choices=known_sources)
 NLLB_LANG = string(noun="language code", choices=lambda: sorted(NLLB_CODES))
 
 # Every parameter of params.yaml, by dotted name, in the file's order.
 SCHEMA: dict[str, Spec] = {
     "seed": integer("seeds the batch plan and training", lo=0, hi=SEED_MAX),
-    "data.train": string("training source", choices=_sources),
+    "data.train": string("training source: a known one, or your own file, folder or hub id (docs/own-data.md)", check=_training_source),
+    "data.license": string("the training data's licence, for the model card", nullable=True, null_means="a known source's own; not declared for your own data"),
     "data.eval": list_of(SOURCE, "sources fetched for evaluation", empty_ok=True),
     "data.squad": string("for data.train=squad: a hub dataset id, or a local SQuAD-format .json file"),
     "data.squad_split": string("the split of data.squad's hub dataset"),
@@ -389,8 +397,8 @@ def _squad_needs_model(p: dict) -> tuple[str, str] | None:
 
 def _source_lang_in_train(p: dict) -> tuple[str, str] | None:
     source, lang = p["data.train"], p["translate.source_lang"]
-    if p["translate.model"] is None:
-        return None  # nothing is translated
+    if p["translate.model"] is None or is_own_data(source):
+        return None  # nothing is translated, or the languages are known once `translate` reads the data
     langs = LAREQA_SOURCES[source].langs if source in LAREQA_SOURCES else ["en"]  # SQuAD sources are English
     if lang not in langs:
         return "translate.source_lang", f"'{lang}' is not a language of data.train={source} (its languages: {', '.join(langs)})"
@@ -500,6 +508,7 @@ def schema_lines() -> list[str]:
 @dataclass(frozen=True)
 class DataParams:
     train: str
+    license: str | None
     eval: tuple[str, ...]
     squad: str
     squad_split: str
@@ -584,6 +593,12 @@ GROUP_CLASSES = {
     "data": DataParams, "model": ModelParams, "evaluate": EvaluateParams, "translate": TranslateParams,
     "sampler": SamplerParams, "train": TrainParams,
 }  # fmt: skip
+
+
+def data_license(data: DataParams) -> str | None:
+    """The training data's licence, as the model card states it: `data.license` where set, else a known
+    source's own; None for data of the user's own whose licence is not declared."""
+    return data.license or source_license(data.train)
 
 
 def as_dict(group) -> dict:

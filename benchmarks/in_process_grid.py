@@ -41,7 +41,7 @@ from pipeline.evaluate import DEV_DATASET, evaluate_task, prepare_task, queries_
 from pipeline.machine import describe, machine_record, resolve_precision  # noqa: E402
 from pipeline.params import Params, build, execution, read_params  # noqa: E402
 from pipeline.scoring.encoding import load_model  # noqa: E402
-from pipeline.train import batches_from_plan, train  # noqa: E402
+from pipeline.train import TrainRun, batches_from_plan, dev_scorer, train  # noqa: E402
 
 FIGURES = ("mono_map", "cross_map", "multi_map", "rank_distance", "language_preference")
 # Recorded on every row whether a config sets them or not, so CSVs of several grids line up
@@ -129,7 +129,7 @@ def run_config(params: Params, base: str, tasks: dict, eval_batch_size: int, dev
     plan, plan_figures, _ = plan_from_params(params)
     batches, _ = batches_from_plan(plan, params)
     model = load_model(base, params.model.max_length, device)
-    summary = train(model, batches, params.train, params.seed)
+    summary = train(model, batches, params.train, params.seed, TrainRun(dev=dev_scorer(params, eval_batch_size)))  # a config may keep_best
     trained = time.perf_counter()
     prefixes = (params.model.query_prefix, params.model.passage_prefix)
     bf16 = resolve_precision(params.evaluate.precision, model.device.type, "evaluate.precision") == "bf16"

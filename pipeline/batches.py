@@ -354,6 +354,18 @@ def plan_summary(plan: pa.Table, n_groups: int, negatives: str = "none") -> dict
     return metrics
 
 
+def negatives_note(mode: str, metrics: dict) -> str:
+    """What the stage's line says of hard negatives: how many, or why there are none although asked for."""
+    if mode == "none":
+        return ""
+    if not metrics["negatives.planned"]:
+        return (
+            f", no {mode} hard negatives: no answer has another sentence in its paragraph "
+            f"(data of your own gives them in a `negative` column, docs/own-data.md)"
+        )
+    return f", {metrics['negatives.planned']} {mode} hard negatives ({metrics['negatives.skipped']} rows without)"
+
+
 def plan_from_params(params: Params) -> tuple[pa.Table, dict, int]:
     """The plan `params` asks for, from the parallel data on disk: (plan, its summary, groups).
     Shared by the stage and benchmarks/in_process_grid.py, so both train on the same batches."""
@@ -379,15 +391,10 @@ def main() -> None:
     ignored = {name: why for name, why in inert_params(params).items() if name.startswith("sampler.")}
     if ignored:
         print(f"batches: no effect on the plan, left out of its stamp: {inert_note(ignored)}")
-    negatives = (
-        f", {metrics['negatives.planned']} {sampler.negatives} hard negatives ({metrics['negatives.skipped']} rows without)"
-        if sampler.negatives != "none"
-        else ""
-    )
     print(
         f"batches: {sampler.steps} x {sampler.batch_size} pairs ({sampler.schedule} schedule, "
         f"{metrics['batches.mono']} mono / {metrics['batches.cross']} cross / {metrics['batches.mixed']} mixed "
-        f"batches, mono share {metrics['mono_share']}{negatives}) from {n_groups} groups, "
+        f"batches, mono share {metrics['mono_share']}{negatives_note(sampler.negatives, metrics)}) from {n_groups} groups, "
         f"{metrics['epochs']} epochs -> {args.out}"
     )
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 PARAMS_CHECKED_PATH = Path("data/checked/params.ok")  # the `params` stage's output, upstream of every stage
 RAW_DIR = Path("data/raw")
+OWN_SOURCE = "own"  # the source name of data of the user's own (data.train: a file, folder or hub id): data/raw/own/
 PARALLEL_DIR = Path("data/parallel")
 PAIRS_PATH = PARALLEL_DIR / "pairs.parquet"
 PARALLEL_QUESTIONS_PATH = PARALLEL_DIR / "questions.parquet"
@@ -110,6 +111,9 @@ SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
 SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
 # none | another sentence of the answer's paragraph in the passage's language | in the query's language
 NEGATIVE_MODES = ("none", "paragraph", "query_language")
+# The headline figure of each LAReQA setting: the metrics name them, and so do the dev curve
+# (`dev/<figure>` in metrics/train_live) and `train.keep_best`.
+HEADLINE_FIGURES = ("mono_map", "cross_map", "multi_map")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where the device has native bf16 units (pipeline/machine.py)
 
 
@@ -118,9 +122,10 @@ def raw_tables(source: str, raw_dir: Path = RAW_DIR) -> tuple[Path, Path]:
     return raw_dir / source / "questions.parquet", raw_dir / source / "candidates.parquet"
 
 
-def raw_stamp(source: str) -> dict:
-    """What `fetch` stamps on a source's tables (a SQuAD source adds its spec and split)."""
-    return {"source": source}
+def raw_stamp(source: str, data_train: str | None = None) -> dict:
+    """What `fetch` stamps on a source's tables (a SQuAD source adds its spec and split); data of the
+    user's own (OWN_SOURCE) also names the file or dataset id it came from, `data.train`."""
+    return {"source": source, "data.train": data_train} if source == OWN_SOURCE else {"source": source}
 
 
 def pairs_stamp(data_train: str, dev_share: float) -> dict:

@@ -14,105 +14,28 @@ must not replace the tracked metrics of the pipeline's own.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from pipeline.common import (
     PipelineError,
     atomic_outputs,
-    read_parquet,
     refuse_declared_outputs,
     run_stage,
     stage_parser,
     write_json,
     write_parquet,
 )
-from pipeline.contracts import (
-    CANDIDATES_SCHEMA,
-    DEV_DIR,
-    QUERIES_SCHEMA,
-    QUESTIONS_SCHEMA,
-    RAW_DIR,
-    RESULTS_DIR,
-    Noise,
-    pairs_stamp,
-    queries_dir,
-    raw_stamp,
-    raw_tables,
-)
+from pipeline.contracts import QUERIES_SCHEMA, RESULTS_DIR, Noise, queries_dir
 from pipeline.machine import describe, machine_record, resolve_precision
-from pipeline.params import DataParams, execution, load_params
-from pipeline.scoring.encoding import encode_unique, load_model
-from pipeline.scoring.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
+from pipeline.params import execution, load_params
+from pipeline.scoring.encoding import load_model
+from pipeline.scoring.lareqa import TaskScores
 from pipeline.scoring.mteb_tasks import leave_note, plan_mteb, run_mteb
 from pipeline.scoring.report import format_noise, format_summary, write_plots
 from pipeline.scoring.robustness import noise_robustness
-from pipeline.sources.catalogue import LAREQA_SOURCES
-
-DEV_DATASET = "dev"  # the held-out dev split of data.train (data/dev), for choices: never the reported result
-
-
-def read_source_tables(name: str, data: DataParams, raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """A fetched LAReQA source's, or the dev split's, (questions, candidates) and the folder they came from."""
-    if name == DEV_DATASET:
-        questions_path, candidates_path, made_by = (
-            DEV_DIR / "questions.parquet",
-            DEV_DIR / "candidates.parquet",
-            pairs_stamp(data.train, data.dev_share),
-        )
-        where = "run `dvc repro translate`"
-    elif name in LAREQA_SOURCES:
-        (questions_path, candidates_path), made_by = raw_tables(name, raw_dir), raw_stamp(name)
-        where = "add it to data.eval and run `dvc repro fetch`"
-    else:
-        raise PipelineError(f"unknown evaluation dataset '{name}' (known: {', '.join([*sorted(LAREQA_SOURCES), DEV_DATASET])})")
-    if not questions_path.exists():
-        raise PipelineError(f"{questions_path.parent}: not made yet; {where}")
-    questions = read_parquet(questions_path, QUESTIONS_SCHEMA, made_by=made_by).to_pandas()
-    candidates = read_parquet(candidates_path, CANDIDATES_SCHEMA, made_by=made_by).to_pandas()
-    if questions.empty:
-        raise PipelineError(f"{questions_path}: no questions (data.dev_share is {data.dev_share}: no dev split is held out)")
-    return questions, candidates, questions_path.parent
-
-
-def prepare_task(questions: pd.DataFrame, candidates: pd.DataFrame, langs: list[str] | None, name: str, origin: str) -> RetrievalTask:
-    """Check one dataset's tables and line them up for scoring, before any model is loaded."""
-    langs = select_langs(sorted(candidates["lang"].unique()), langs, name)
-    return build_task(questions, candidates, langs, origin)
-
-
-@dataclass
-class Evaluation:
-    summary: dict
-    scores: TaskScores
-    timing: dict
-    queries: np.ndarray  # [Q, D] embeddings, reused by the noise report
-    pool: np.ndarray  # [C, D]
-
-
-def evaluate_task(model, task: RetrievalTask, prefixes: tuple[str, str], batch_size: int, bf16: bool = False) -> Evaluation:
-    """Encode (each distinct text once) and score one dataset."""
-    query_prefix, passage_prefix = prefixes
-    texts = [query_prefix + t for t in task.query_text] + [passage_prefix + t for t in task.candidate_text]
-    started = time.perf_counter()
-    unique_embeddings, index = encode_unique(model, texts, batch_size, bf16)
-    encoded = time.perf_counter()
-    embeddings = unique_embeddings[index]
-    n_queries = len(task.query_text)
-    queries, pool = embeddings[:n_queries], embeddings[n_queries:]
-    scores = score_task(task, queries, pool)
-    timing = {
-        "texts": len(texts),
-        "unique_texts": len(unique_embeddings),
-        "encode_seconds": encoded - started,
-        "score_seconds": time.perf_counter() - encoded,
-    }
-    return Evaluation(headline_figures(scores), scores, timing, queries, pool)
+from pipeline.scoring.tasks import DEV_DATASET, evaluate_task, prepare_task, read_source_tables
 
 
 def queries_table(scores: TaskScores) -> pa.Table:

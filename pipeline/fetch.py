@@ -4,8 +4,11 @@ Sources fetched = {data.train} ∪ data.eval. LAReQA files come from the offline
 mirror when HYBRIDIR_MIRROR is set, otherwise they are downloaded (and cached in
 `data/downloads/`); either way each file must match its pinned sha256, so every
 run sees the same bytes. The English `squad` source is a local SQuAD v1.1 .json
-file or a Hugging Face dataset id. Every source is parsed and validated before
-anything is written, so a bad input never leaves a partial `data/raw/` behind.
+file or a Hugging Face dataset id. Data of the user's own (docs/own-data.md) is one
+row per (group, language), read with `datasets` from a .parquet, .jsonl or .csv file,
+a `save_to_disk` folder or a hub id, and written as the source `own`. Every source is
+parsed and validated before anything is written, so a bad input never leaves a
+partial `data/raw/` behind.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from bisect import bisect_right
 from collections import Counter
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import requests
 from tqdm import tqdm
@@ -35,9 +40,17 @@ from pipeline.common import (
     stage_parser,
     write_parquet,
 )
-from pipeline.contracts import CANDIDATES_SCHEMA, QUESTIONS_SCHEMA, raw_stamp, raw_tables
+from pipeline.contracts import CANDIDATES_SCHEMA, OWN_SOURCE, QUESTIONS_SCHEMA, raw_stamp, raw_tables
 from pipeline.params import DataParams, load_params
-from pipeline.sources.catalogue import LAREQA_SOURCES, SQUAD_SOURCES, LareqaSource
+from pipeline.sources.catalogue import (
+    LAREQA_SOURCES,
+    OWN_DATA_DIR,
+    OWN_FILE_LOADERS,
+    SQUAD_SOURCES,
+    LareqaSource,
+    raw_source,
+)
+from pipeline.sources.languages import NLLB_CODES
 
 DOWNLOADS_DIR = Path("data/downloads")
 
@@ -335,9 +348,134 @@ def fetch_squad(spec: str, split: str) -> Tables:
     return parse_squad(squad_rows_to_doc(rows), f"dataset '{spec}' split '{split}' (data[k].paragraphs[j]: the j-th row of its k-th title)")
 
 
+OWN_COLUMNS = ("group_id", "lang", "question", "passage")  # and optionally `negative` (docs/own-data.md)
+
+
+def load_own_data(spec: str) -> pa.Table:
+    """`data.train`'s data of the user's own, read with `datasets`: a file by its suffix, a `save_to_disk`
+    folder, else a hub dataset id (or a local folder of data files); its `train` split."""
+    import datasets  # slow to import, and only this route and squad's need it
+
+    datasets.disable_progress_bars()  # "Generating train split" frames would fill DVC's log, or bury an error line under them
+    path = Path(spec)
+    builder = OWN_FILE_LOADERS.get(path.suffix.lower())
+    if builder and not path.is_file():
+        raise PipelineError(f"params.yaml: data.train: file not found: {spec}")
+    try:
+        if builder:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            dataset = datasets.load_from_disk(str(path))
+        else:
+            dataset = datasets.load_dataset(spec, split="train")
+    except Exception as err:  # datasets raises many unrelated types for "unreadable / not reachable / not found"
+        raise PipelineError(f"params.yaml: data.train: cannot read '{spec}' ({type(err).__name__}: {first_line(err)})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise PipelineError(f"{spec}: no 'train' split (it has {', '.join(dataset)})")
+        dataset = dataset["train"]
+    return dataset.with_format("arrow")[:]
+
+
+def _own_columns(rows: pa.Table, origin: str) -> pd.DataFrame:
+    """The schema's columns as text (integer group ids become text), checked to be there and to be text."""
+    missing = [name for name in OWN_COLUMNS if name not in rows.column_names]
+    if missing:
+        raise PipelineError(f"{origin}: missing column '{missing[0]}' (it has: {', '.join(rows.column_names) or 'no columns'})")
+    columns = {}
+    for name in (*OWN_COLUMNS, *(["negative"] if "negative" in rows.column_names else [])):
+        column = rows[name]
+        if name == "group_id" and pa.types.is_integer(column.type):
+            column = column.cast(pa.string())
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+            raise PipelineError(f"{origin}: column '{name}' holds {column.type}, expected text")
+        columns[name] = column.to_pylist()
+    negatives = columns.get("negative", [None] * rows.num_rows)
+    columns["negative"] = [text if text and text.strip() else None for text in negatives]  # blank: no negative
+    return pd.DataFrame(columns, dtype=object)
+
+
+def _check_own_rows(frame: pd.DataFrame, origin: str) -> None:
+    """One line for the first row that is empty, of an unknown language or given twice, or group with one language."""
+    if frame.empty:
+        raise PipelineError(f"{origin}: no rows")
+    row = frame.index.to_numpy() + 1  # rows as a reader counts them, from 1 (a CSV's header not counted)
+    for name in OWN_COLUMNS:
+        empty = frame[name].fillna("").str.strip() == ""
+        if empty.any():
+            raise PipelineError(f"{origin}: row {row[empty.to_numpy()][0]}: {name} is empty")
+    unknown = ~frame["lang"].isin(list(NLLB_CODES))
+    if unknown.any():
+        at, lang = row[unknown.to_numpy()][0], frame["lang"][unknown].iloc[0]
+        known = lang.strip().lower() in NLLB_CODES
+        hint = (
+            f"did you mean '{lang.strip().lower()}'?"
+            if known
+            else f"not among the {len(NLLB_CODES)} ISO 639-1 codes of pipeline/sources/languages.py"
+        )
+        raise PipelineError(f"{origin}: row {at}: lang: unknown language code '{lang}' ({hint})")
+    again = np.flatnonzero(frame.duplicated(["group_id", "lang"]).to_numpy())
+    if len(again):
+        group, lang = frame.loc[again[0], ["group_id", "lang"]]
+        first = np.flatnonzero(((frame["group_id"] == group) & (frame["lang"] == lang)).to_numpy())[0]
+        raise PipelineError(f"{origin}: rows {row[first]} and {row[again[0]]}: group '{group}' has two '{lang}' rows")
+    languages = frame.groupby("group_id", sort=False)["lang"].transform("size").to_numpy()
+    if (languages < 2).any():
+        at = row[languages < 2][0]
+        group, lang = frame.loc[at - 1, ["group_id", "lang"]]
+        raise PipelineError(
+            f"{origin}: row {at}: group '{group}' has one language only ('{lang}'): a group is one question in two or more languages"
+        )
+
+
+def own_data_tables(rows: pa.Table, origin: str) -> Tables:
+    """The user's (group, language) rows, checked, as the raw tables (questions, candidates).
+
+    Each passage is a paragraph of its own, its `negative` (where given) that paragraph's second
+    sentence, so `sampler.negatives: paragraph` / `query_language` draw exactly the user's
+    negatives, and rows without one get none. A question's article and paragraph are its group,
+    so the dev split holds out whole groups.
+    """
+    frame = _own_columns(rows, origin)
+    _check_own_rows(frame, origin)
+    frame = frame.sort_values("lang", kind="stable", ignore_index=True)  # each language's rows in file order
+    sentences = 1 + frame["negative"].notna().astype(np.int32)
+    frame["answer_candidate"] = (sentences.groupby(frame["lang"]).cumsum() - sentences).astype(np.int32)
+    frame["paragraph"] = frame.groupby("lang").cumcount().astype(np.int32)
+    questions = pa.table(
+        {
+            "group_id": frame["group_id"],
+            "lang": frame["lang"],
+            "question": frame["question"],
+            "answer_candidate": frame["answer_candidate"],
+            "article": frame["group_id"],
+            "paragraph": frame["group_id"],
+        },
+        schema=QUESTIONS_SCHEMA,
+    )
+    passages = frame.assign(candidate=frame["answer_candidate"], sentence_index=0, sentence=frame["passage"])
+    negatives = frame[frame["negative"].notna()]
+    negatives = negatives.assign(candidate=negatives["answer_candidate"] + 1, sentence_index=1, sentence=negatives["negative"])
+    candidates = pd.concat([passages, negatives]).sort_values(["lang", "candidate"], ignore_index=True)
+    return questions, pa.Table.from_pandas(
+        candidates[CANDIDATES_SCHEMA.names], CANDIDATES_SCHEMA, preserve_index=False
+    ).replace_schema_metadata(None)
+
+
+def untracked_warning(spec: str) -> str | None:
+    """Why DVC would not rerun `fetch` when data of the user's own changes: a file outside data/own/ (the folder
+    dvc.yaml lists as fetch's dependency), or a hub dataset, which can change upstream. None for data/own/."""
+    path = Path(spec)
+    if not path.exists():
+        return f"warning: data.train: the hub dataset {spec} is not pinned: DVC reruns fetch when data.train changes, not when the dataset does (`dvc repro -f fetch` reads it again)"
+    if Path(OWN_DATA_DIR).resolve() in path.resolve().parents:
+        return None
+    return f"warning: data.train: {spec} is outside {OWN_DATA_DIR}/, which fetch depends on: DVC will not rerun fetch when it changes (move it into {OWN_DATA_DIR}/)"
+
+
 def sources_to_fetch(data: DataParams) -> list[str]:
-    """{data.train} ∪ data.eval, in that order (names checked by the params schema)."""
-    return list(dict.fromkeys([data.train, *data.eval]))
+    """The sources whose tables `fetch` writes: data.train's (`own` for data of the user's own), then data.eval's."""
+    return list(dict.fromkeys([raw_source(data.train), *data.eval]))
 
 
 def count_table(tables: dict[str, Tables]) -> str:
@@ -360,8 +498,10 @@ def main() -> None:
     outputs = [path for name in names for path in raw_tables(name)]
     with atomic_outputs(*outputs) as targets:
         for name in names:
-            made_by[name] = raw_stamp(name)
-            if name in SQUAD_SOURCES:
+            made_by[name] = raw_stamp(name, params.data.train)
+            if name == OWN_SOURCE:
+                tables[name] = own_data_tables(load_own_data(params.data.train), params.data.train)
+            elif name in SQUAD_SOURCES:
                 spec, split = params.data.squad, params.data.squad_split
                 made_by[name].update(squad=spec, squad_split=split)
                 tables[name] = fetch_squad(spec, split)
@@ -372,6 +512,12 @@ def main() -> None:
             write_parquet(questions, next(written), made_by=made_by[name])
             write_parquet(candidates, next(written), made_by=made_by[name])
     print(count_table(tables))
+    if OWN_SOURCE in tables:
+        warning = untracked_warning(params.data.train)
+        if warning:
+            print(warning, file=sys.stderr)
+        if params.data.license is None:
+            print(f"note: data.license is not set: the licence of {params.data.train} is not declared (the model card says so)")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from typing import Any
 
 from pipeline.common import PipelineError, atomic_path, run_stage, stage_parser
 from pipeline.contracts import (
+    HEADLINE_FIGURES,
     NEGATIVE_MODES,
     PARAMS_CHECKED_PATH,
     PRECISIONS,
@@ -60,7 +61,7 @@ from pipeline.contracts import (
     mono_count,
     plan_stamp,
 )
-from pipeline.sources.catalogue import LAREQA_SOURCES, SQUAD_SOURCES
+from pipeline.sources.catalogue import LAREQA_SOURCES, OWN_FILE_LOADERS, SQUAD_SOURCES, is_own_data, known_sources, source_license
 from pipeline.sources.languages import NLLB_CODES
 
 # steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
@@ -140,17 +141,25 @@ def _compute_type(name: str) -> str | None:
     return f"{name!r} is not one of auto, {', '.join(ACCEPTED_MODEL_TYPES)}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
-def _sources() -> list[str]:
-    return sorted(set(LAREQA_SOURCES) | SQUAD_SOURCES)
+def _training_source(value: str) -> str | None:
+    """A known source, or data of the user's own: a .parquet/.jsonl/.csv file, or a folder or hub id (a name with a /).
+    Whether it exists is `fetch`'s to say: it reads it."""
+    if not is_own_data(value) or Path(value).suffix.lower() in OWN_FILE_LOADERS or "/" in value:
+        return None
+    close = difflib.get_close_matches(value, known_sources(), n=1, cutoff=0.75)
+    return f"{value!r} is not one of {', '.join(known_sources())}, nor a .parquet, .jsonl or .csv file, a folder or a hub id (org/name)" + (
+        f" (did you mean {close[0]}?)" if close else ""
+    )
 
 
-SOURCE = string(noun="source name", choices=_sources)
+SOURCE = string(noun="source name", choices=known_sources)
 NLLB_LANG = string(noun="language code", choices=lambda: sorted(NLLB_CODES))
 
 # Every parameter of params.yaml, by dotted name, in the file's order.
 SCHEMA: dict[str, Spec] = {
     "seed": integer("seeds the batch plan and training", lo=0, hi=SEED_MAX),
-    "data.train": string("training source", choices=_sources),
+    "data.train": string("training source: a known one, or your own file, folder or hub id (docs/own-data.md)", check=_training_source),
+    "data.license": string("the training data's licence, for the model card", nullable=True, null_means="a known source's own; not declared for your own data"),
     "data.eval": list_of(SOURCE, "sources fetched for evaluation", empty_ok=True),
     "data.squad": string("for data.train=squad: a hub dataset id, or a local SQuAD-format .json file"),
     "data.squad_split": string("the split of data.squad's hub dataset"),
@@ -194,6 +203,8 @@ SCHEMA: dict[str, Spec] = {
     "train.adversary_lr": number("the language classifier's peak learning rate", lo=0, lo_open=True),
     "train.query_noise": list_of(string(noun="noise name", check=_noise), "perturbations of training queries", empty_ok=True),
     "train.query_noise_rate": number("share of training queries perturbed", lo=0, hi=1),
+    "train.eval_every": integer("steps between dev evaluations during training (0 = none)", lo=0),
+    "train.keep_best": string("keep the weights of the dev evaluation best by this figure", choices=lambda: HEADLINE_FIGURES, nullable=True, null_means="the last step's weights"),
 }  # fmt: skip
 
 # Parameters that are gone, and what replaced them: a file that still has one gets this line.
@@ -386,8 +397,8 @@ def _squad_needs_model(p: dict) -> tuple[str, str] | None:
 
 def _source_lang_in_train(p: dict) -> tuple[str, str] | None:
     source, lang = p["data.train"], p["translate.source_lang"]
-    if p["translate.model"] is None:
-        return None  # nothing is translated
+    if p["translate.model"] is None or is_own_data(source):
+        return None  # nothing is translated, or the languages are known once `translate` reads the data
     langs = LAREQA_SOURCES[source].langs if source in LAREQA_SOURCES else ["en"]  # SQuAD sources are English
     if lang not in langs:
         return "translate.source_lang", f"'{lang}' is not a language of data.train={source} (its languages: {', '.join(langs)})"
@@ -427,8 +438,24 @@ def _langs_in_datasets(p: dict) -> tuple[str, str] | None:
     return None
 
 
+def _dev_curve_has_a_dev_split(p: dict) -> tuple[str, str] | None:
+    if p["train.eval_every"] and not p["data.dev_share"]:
+        return (
+            "train.eval_every",
+            f"{p['train.eval_every']} scores the dev split every so many steps, but data.dev_share is 0 (no dev split)",
+        )
+    return None
+
+
+def _keep_best_has_a_dev_curve(p: dict) -> tuple[str, str] | None:
+    if p["train.keep_best"] is not None and not p["train.eval_every"]:
+        return "train.keep_best", f"{p['train.keep_best']} picks a step of the dev curve, but train.eval_every is 0 (no dev curve)"
+    return None
+
+
 RULES: list[Callable[[dict], tuple[str, str] | None]] = [
     _plan_size, _chunk_fits, _tasks_have_negatives, _squad_needs_model, _source_lang_in_train, _datasets_fetched, _langs_in_datasets,
+    _dev_curve_has_a_dev_split, _keep_best_has_a_dev_curve,
 ]  # fmt: skip
 
 
@@ -481,6 +508,7 @@ def schema_lines() -> list[str]:
 @dataclass(frozen=True)
 class DataParams:
     train: str
+    license: str | None
     eval: tuple[str, ...]
     squad: str
     squad_split: str
@@ -544,6 +572,8 @@ class TrainParams:
     adversary_lr: float
     query_noise: tuple[str, ...]
     query_noise_rate: float
+    eval_every: int
+    keep_best: str | None
 
 
 @dataclass(frozen=True)
@@ -563,6 +593,12 @@ GROUP_CLASSES = {
     "data": DataParams, "model": ModelParams, "evaluate": EvaluateParams, "translate": TranslateParams,
     "sampler": SamplerParams, "train": TrainParams,
 }  # fmt: skip
+
+
+def data_license(data: DataParams) -> str | None:
+    """The training data's licence, as the model card states it: `data.license` where set, else a known
+    source's own; None for data of the user's own whose licence is not declared."""
+    return data.license or source_license(data.train)
 
 
 def as_dict(group) -> dict:

@@ -18,6 +18,11 @@ The plan may add to a batch (docs/strategies.md): a hard negative per pair; unde
 `train.query_noise` perturbs a seeded share of the queries. N processes on
 torch.distributed (HYBRIDIR_PROCESSES, pipeline/training/distributed.py) train on exactly
 the plan's batches.
+
+`train.eval_every` scores the dev split (`data/dev`, as `evaluate --dataset dev` does, with
+pipeline/scoring/tasks.py) every so many steps and after the last, logged as `dev/mono_map`,
+`dev/cross_map` and `dev/multi_map` beside the loss; rank 0 scores while the other ranks wait.
+`train.keep_best` then keeps the weights of the dev step best by that figure.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pipeline.common import PipelineError, atomic_outputs, read_parquet, run_sta
 from pipeline.contracts import (
     BASE_MODEL_DIR,
     CANDIDATES_SCHEMA,
+    HEADLINE_FIGURES,
     PAIRS_PATH,
     PAIRS_SCHEMA,
     PARALLEL_CANDIDATES_PATH,
@@ -50,6 +56,7 @@ from pipeline.contracts import (
 from pipeline.machine import describe, machine_record, resolve_precision
 from pipeline.params import Params, TrainParams, as_dict, execution, load_params, plan_made_by
 from pipeline.scoring.encoding import check_model_dir, load_model
+from pipeline.scoring.tasks import DEV_DATASET, evaluate_task, prepare_task, read_source_tables
 from pipeline.training.adversary import make_adversary
 from pipeline.training.checkpoint import check_ranks_agree, load_checkpoint, run_fingerprint, save_checkpoint
 from pipeline.training.distributed import World, check_scale_out, init_world, launched_by_torchrun, relaunch_under_torchrun
@@ -57,6 +64,7 @@ from pipeline.training.loss import contrastive_step
 from pipeline.training.planned import PlannedBatch, has_negatives, plan_texts, query_noise_draws
 
 CHECKPOINT_PATH = Path("models/checkpoints/train.pt")
+DEV_PREFIX = "dev/"  # the dev figures' names in the history and the live log (the rest are logged as train/<name>)
 
 
 @dataclass
@@ -70,6 +78,7 @@ class TrainRun:
     stop_after: int | None = None  # end after this many steps, as a crash would (tests)
     world: World = field(default_factory=World)
     checkpoint_every: int = 50  # steps between checkpoints (HYBRIDIR_CHECKPOINT_EVERY)
+    dev: Callable[[torch.nn.Module, bool], dict[str, float]] | None = None  # (model, bf16) -> dev figures (train.eval_every)
 
 
 def freeze_token_embeddings(model: torch.nn.Module) -> int:
@@ -110,15 +119,41 @@ def check_finite(loss: float, step: int, config: TrainParams) -> None:
         )
 
 
+def dev_due(step: int, steps: int, every: int) -> bool:
+    """Whether the dev split is scored after `step` (counted from 1): every `every` steps, and after the last."""
+    return every > 0 and (step % every == 0 or step == steps)
+
+
+def dev_figures(model, run: TrainRun, bf16: bool) -> dict[str, float]:
+    """The dev figures of the model as it is now, named dev/<figure>: rank 0 scores, the others wait
+    for it (and get {}), so the ranks' collectives stay paired."""
+    figures = {}
+    if run.world.lead:
+        figures = {DEV_PREFIX + name: value for name, value in run.dev(model, bf16).items()}
+        model.train()  # encoding leaves the model in eval mode
+    run.world.barrier()
+    return figures
+
+
+def kept_best(best: dict | None, step: int, value: float, model) -> dict | None:
+    """The best dev step so far by `train.keep_best`'s figure ({step, value, weights}; the first of equals
+    stays), its weights copied to the CPU so that keeping them costs no accelerator memory."""
+    if best is not None and not value > best["value"]:
+        return best
+    return {"step": step, "value": value, "weights": {name: w.detach().to("cpu", copy=True) for name, w in model.state_dict().items()}}
+
+
 def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, run: TrainRun | None = None) -> dict:
     """Fine-tune `model` in place on the planned batches with the recipe `config`; returns the run's summary figures.
 
     Only rank 0 logs and writes checkpoints; every rank resumes from them, and all ranks must
     start from the same step of the same inputs (`check_ranks_agree`). On resume the
-    curves logged before the checkpoint are passed to `run.log` again, so a log opened
-    fresh holds the whole run, with no step twice.
+    curves logged before the checkpoint, dev figures included, are passed to `run.log`
+    again, so a log opened fresh holds the whole run, with no step twice.
     """
     run = run or TrainRun()
+    if config.eval_every and run.dev is None:
+        raise ValueError("train.eval_every > 0 needs TrainRun.dev, which scores the dev split")
     world = run.world
     torch.manual_seed(seed)
     steps = len(batches)
@@ -126,10 +161,10 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
         freeze_token_embeddings(model)
     adversary = make_adversary(model, batches, config)
     optimizer, scheduler = make_optimizer(model, config, steps, adversary)
-    start, history = (0, [])
+    start, history, best = (0, [], None)
     if run.checkpoint:
         if run.resume:
-            start, history = load_checkpoint(run.checkpoint, model, optimizer, scheduler, run.fingerprint, adversary)
+            start, history, best = load_checkpoint(run.checkpoint, model, optimizer, scheduler, run.fingerprint, adversary)
         check_ranks_agree(world, run.checkpoint, start, run.fingerprint)
     precision = resolve_precision(config.precision, model.device.type, "train.precision")
     bf16 = precision == "bf16"
@@ -156,12 +191,16 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
         pairs_done += len(batch.queries)
         metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "pairs_per_s": len(batch.queries) / elapsed}
         metrics |= {name: value.item() for name, value in figures.items()}
+        if dev_due(step + 1, steps, config.eval_every):
+            metrics |= dev_figures(model, run, bf16)
+            if config.keep_best and world.lead:
+                best = kept_best(best, step + 1, metrics[DEV_PREFIX + config.keep_best], model)
         history.append({"step": step + 1, **metrics})
         progress.set_postfix(loss=f"{loss_value:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
         if log is not None:
             log(step + 1, metrics)
         if run.checkpoint and world.lead and ((step + 1) % run.checkpoint_every == 0 or step + 1 == steps):
-            save_checkpoint(run.checkpoint, step + 1, model, optimizer, scheduler, run.fingerprint, history, adversary)
+            save_checkpoint(run.checkpoint, step + 1, model, optimizer, scheduler, run.fingerprint, history, adversary, best)
         if run.stop_after is not None and step + 1 - start >= run.stop_after:
             break
     model.eval()
@@ -175,6 +214,9 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
     }
     if adversary is not None and history:
         summary["final_adversary_accuracy"] = round(history[-1]["adversary_accuracy"], 6)
+    if best is not None:
+        model.load_state_dict(best["weights"])
+        summary |= {"kept_step": best["step"], f"kept_dev_{config.keep_best}": round(best["value"], 6)}
     return summary
 
 
@@ -189,6 +231,22 @@ def batches_from_plan(plan: pa.Table, params: Params) -> tuple[list[PlannedBatch
     multitask = params.sampler.schedule == "multitask"
     prefixes = (params.model.query_prefix, params.model.passage_prefix)
     return plan_texts(plan, pairs, *prefixes, candidates, multitask, noise), noise
+
+
+def dev_scorer(params: Params, batch_size: int) -> Callable[[torch.nn.Module, bool], dict[str, float]] | None:
+    """What scores the dev split during training, its tables read and checked now, before any model loads;
+    None when train.eval_every is 0. The figures are those `evaluate --dataset dev` reports."""
+    if not params.train.eval_every:
+        return None
+    questions, candidates, folder = read_source_tables(DEV_DATASET, params.data)
+    task = prepare_task(questions, candidates, None, DEV_DATASET, str(folder))
+    prefixes = (params.model.query_prefix, params.model.passage_prefix)
+
+    def score(model, bf16: bool) -> dict[str, float]:
+        summary = evaluate_task(model, task, prefixes, batch_size, bf16).summary
+        return {name: summary[name] for name in HEADLINE_FIGURES}
+
+    return score
 
 
 def run_fingerprint_of(plan: pa.Table, params: Params, base: str) -> str:
@@ -216,13 +274,14 @@ def main() -> None:
     check_scale_out(world_size, params.sampler.batch_size, params.train.chunk_size)
     plan = read_parquet(PLAN_PATH, PLAN_SCHEMA, made_by=plan_made_by(params))
     batches, noise = batches_from_plan(plan, params)
+    dev = dev_scorer(params, settings.eval_batch_size)
     check_model_dir(args.base, "run `dvc repro base_model`")
     if not launched_by_torchrun() and settings.processes > 1:  # one process per rank, on this machine
         sys.exit(relaunch_under_torchrun(settings.processes, "pipeline.train", sys.argv[1:]))
     world = init_world(settings.rendezvous_timeout_s)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     fingerprint = run_fingerprint_of(plan, params, args.base)
-    run = TrainRun(CHECKPOINT_PATH, args.resume, fingerprint, world=world, checkpoint_every=settings.checkpoint_every)
+    run = TrainRun(CHECKPOINT_PATH, args.resume, fingerprint, world=world, checkpoint_every=settings.checkpoint_every, dev=dev)
     max_length = params.model.max_length
     if not world.lead:
         train(load_model(args.base, max_length, device), batches, params.train, params.seed, run)
@@ -239,7 +298,7 @@ def main() -> None:
             def log(step: int, metrics: dict) -> None:
                 live.step = step
                 for name, value in metrics.items():
-                    live.log_metric(f"train/{name}", value, plot=True)
+                    live.log_metric(name if name.startswith(DEV_PREFIX) else f"train/{name}", value, plot=True)
                 live.next_step()
 
             run.log = log
@@ -249,9 +308,11 @@ def main() -> None:
         write_json(summary, metrics_out)
     CHECKPOINT_PATH.unlink(missing_ok=True)
     world.close()
+    kept = params.train.keep_best
     print(
         f"wrote {args.out}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
         f"{summary['pairs_per_s']} pairs/s in {summary['processes']} process(es) on {describe(summary['machine'])}"
+        + (f"; the weights of step {summary['kept_step']}, best by dev {kept} ({summary[f'kept_dev_{kept}']:.4f})" if kept else "")
     )
 
 

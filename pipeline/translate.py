@@ -60,7 +60,7 @@ from pipeline.contracts import (
 )  # fmt: skip
 from pipeline.machine import machine_record
 from pipeline.params import TranslateParams, as_dict, load_params
-from pipeline.sources.catalogue import SQUAD_SOURCES
+from pipeline.sources.catalogue import SQUAD_SOURCES, raw_source
 from pipeline.sources.languages import NLLB_CODES
 
 CACHE_PATH = Path("data/cache/translations.sqlite")
@@ -372,14 +372,16 @@ def main() -> None:
     out_dir = Path(args.out).parent
     outputs = (out_dir / PARALLEL_QUESTIONS_PATH.name, out_dir / PARALLEL_CANDIDATES_PATH.name, args.out, args.metrics, args.dev)
     with atomic_outputs(*outputs) as (questions_out, candidates_out, pairs_out, metrics_out, dev_out):
-        questions_path, candidates_path = raw_tables(source)
-        questions = read_parquet(questions_path, QUESTIONS_SCHEMA, made_by=raw_stamp(source))
-        candidates = read_parquet(candidates_path, CANDIDATES_SCHEMA, made_by=raw_stamp(source))
+        fetched = raw_source(source)
+        questions_path, candidates_path = raw_tables(fetched)
+        fetched_by = raw_stamp(fetched, source)
+        questions = read_parquet(questions_path, QUESTIONS_SCHEMA, made_by=fetched_by)
+        candidates = read_parquet(candidates_path, CANDIDATES_SCHEMA, made_by=fetched_by)
         if model is None:
             report = {"model": "none (human translations passed through)"}
             made_by = {**pairs_stamp(source, params.data.dev_share), "translate.model": None}
         else:
-            q_frame, c_frame, report = machine_translate(params.translate, source, questions.to_pandas(), candidates.to_pandas())
+            q_frame, c_frame, report = machine_translate(params.translate, fetched, questions.to_pandas(), candidates.to_pandas())
             human = pairs_from_source(questions, candidates)  # references, where the source has them
             questions = pa.Table.from_pandas(q_frame, QUESTIONS_SCHEMA, preserve_index=False).replace_schema_metadata(None)
             candidates = pa.Table.from_pandas(c_frame, CANDIDATES_SCHEMA, preserve_index=False).replace_schema_metadata(None)

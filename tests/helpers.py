@@ -22,6 +22,7 @@ from pipeline import batches
 from pipeline.common import write_parquet
 from pipeline.contracts import (
     CANDIDATES_SCHEMA,
+    DEV_DIR,
     PAIRS_PATH,
     PAIRS_SCHEMA,
     PARALLEL_CANDIDATES_PATH,
@@ -170,12 +171,15 @@ CONFIG = TrainParams(
     adversary_lr=1e-3,
     query_noise=(),
     query_noise_rate=0.5,
+    eval_every=0,
+    keep_best=None,
 )
 SEED = 7
 MAX_LENGTH = 64
 
 
-def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
+def make_pairs(n_groups: int = 12, langs=("en", "de", "es"), first: int = 0) -> pa.Table:
+    """Pairs of groups g<first> .. g<first + n_groups - 1>, each in every one of `langs`."""
     rows = [
         {
             "group_id": f"g{g}",
@@ -183,7 +187,7 @@ def make_pairs(n_groups: int = 12, langs=("en", "de", "es")) -> pa.Table:
             "question": f"{lang} question {g} about topic {g * 7}",
             "passage": f"{lang} passage {g}: the answer is {g * 7} in the city {g}.",
         }
-        for g in range(n_groups)
+        for g in range(first, first + n_groups)
         for lang in langs
     ]
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
@@ -241,8 +245,8 @@ def load(model_dir: Path):
 
 
 def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dict | None = None, **train_params) -> Path:
-    """A project folder ready for `train`: params, the parallel tables, a plan of `steps` batches of 4
-    (with `sampler`'s schedule, ratio and negatives), the tiny base model."""
+    """A project folder ready for `train`: params, the parallel tables, a dev split of 4 other groups,
+    a plan of `steps` batches of 4 (with `sampler`'s schedule, ratio and negatives), the tiny base model."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sampler"].update({"batch_size": 4, "steps": steps, **(sampler or {})})  # the plan written below
     plan_stamp = plan_made_by(build(params))  # before the train params, which a test may break on purpose
@@ -253,6 +257,8 @@ def stage_dir(tmp_path: Path, tiny_model_dir: Path, steps: int = 3, sampler: dic
     write_parquet(pairs, tmp_path / PAIRS_PATH, made_by=made_by)
     for table, path in zip(corpus_of(pairs), (PARALLEL_QUESTIONS_PATH, PARALLEL_CANDIDATES_PATH)):
         write_parquet(table, tmp_path / path, made_by=made_by)
+    for table, name in zip(corpus_of(make_pairs(4, first=100)), ("questions.parquet", "candidates.parquet")):
+        write_parquet(table, tmp_path / DEV_DIR / name, made_by=made_by)
     s = params["sampler"]
     plan = make_plan(pairs, steps=steps, ratio=s["ratio"], schedule=s["schedule"], negatives=s["negatives"])
     write_parquet(plan, tmp_path / PLAN_PATH, made_by=plan_stamp)

@@ -143,6 +143,25 @@ def _squad(change: Callable[[dict], None]) -> Callable[[Project], None]:
     return broken
 
 
+def _own_data(rows: list[dict]) -> Callable[[Project], None]:
+    """data.train: a JSONL file of the user's own with these rows (docs/own-data.md)."""
+
+    def broken(p: Project) -> None:
+        import datasets
+
+        p.monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", p.root.parent / "hf-cache")  # outside the project
+        (p.root / "data/own").mkdir(parents=True, exist_ok=True)
+        (p.root / "data/own/faq.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        p.params(**{"data.train": "data/own/faq.jsonl"})
+
+    return broken
+
+
+OWN_ROWS = [
+    {"group_id": f"g{g}", "lang": lang, "question": f"{lang} q{g}?", "passage": f"{lang} p{g}."} for g in (1, 2) for lang in ("de", "en")
+]
+
+
 def _set(path: list, value) -> Callable[[dict], None]:
     def change(doc: dict) -> None:
         node = doc
@@ -187,6 +206,13 @@ CASES: list[tuple[str, str, Callable[[Project], None], str]] = [
     ("squad truncated", "fetch", lambda p: (_squad(lambda d: None)(p), (p.root / "squad.json").write_text('{"data": [')), r"squad.json: malformed JSON at line 1 column \d+"),
     ("squad missing question", "fetch", _squad(_set([*QA, "question"], _DELETE)), r"squad.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing field 'question'"),
     ("squad answer outside passage", "fetch", _squad(_set([*QA, "answers", 0, "answer_start"], 99)), r"squad.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.answer_start: 99 is outside the context"),
+    # data of the user's own (fetch, data.train=<file>)
+    ("own data file missing", "fetch", lambda p: p.params(**{"data.train": "data/own/faq.jsonl"}), r"params.yaml: data.train: file not found: data/own/faq.jsonl"),
+    ("own data missing column", "fetch", _own_data([{k: v for k, v in r.items() if k != "question"} for r in OWN_ROWS]), r"data/own/faq.jsonl: missing column 'question' \(it has: group_id, lang, passage\)"),
+    ("own data group in one language", "fetch", _own_data(OWN_ROWS[:3]), r"data/own/faq.jsonl: row 3: group 'g2' has one language only \('de'\): a group is one question in two or more languages"),
+    ("own data unknown language", "fetch", _own_data([{**r, "lang": "xx"} if i == 1 else r for i, r in enumerate(OWN_ROWS)]), r"data/own/faq.jsonl: row 2: lang: unknown language code 'xx'"),
+    ("own data empty passage", "fetch", _own_data([{**r, "passage": " "} if i == 2 else r for i, r in enumerate(OWN_ROWS)]), r"data/own/faq.jsonl: row 3: passage is empty"),
+    ("own data duplicate row", "fetch", _own_data([*OWN_ROWS, OWN_ROWS[0]]), r"data/own/faq.jsonl: rows 1 and 5: group 'g1' has two 'de' rows"),
     # Parquet between stages
     ("parquet missing", "translate", lambda p: (p.root / RAW_Q).unlink(), rf"{RAW_Q}: file not found \(run the stage that makes it first\)"),
     ("parquet empty file", "translate", lambda p: (p.root / RAW_Q).write_bytes(b""), rf"{RAW_Q}: not a readable Parquet file"),

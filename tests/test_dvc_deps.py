@@ -90,9 +90,9 @@ def test_a_removed_or_stale_dependency_is_found(dvc_yaml):
     assert dependency_errors({"stages": {"train": {**stage, "deps": removed}}}) == [
         "train: imports pipeline/training/loss.py but does not list it"
     ]
-    stale = [*stage["deps"], "pipeline/scoring/lareqa.py"]
+    stale = [*stage["deps"], "pipeline/scoring/report.py"]
     assert dependency_errors({"stages": {"train": {**stage, "deps": stale}}}) == [
-        "train: lists pipeline/scoring/lareqa.py but does not import it"
+        "train: lists pipeline/scoring/report.py but does not import it"
     ]
 
 

@@ -279,7 +279,10 @@ def test_bad_params_subprocess_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "pipeline.fetch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: params.yaml: data.train: 'nope' is not one of mlqa_r, squad, xquad_r"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: params.yaml: data.train: 'nope' is not one of mlqa_r, squad, xquad_r, nor a .parquet, .jsonl or .csv file, "
+        "a folder or a hub id (org/name)"
+    ]
     assert "Traceback" not in proc.stderr
 
 

@@ -67,6 +67,7 @@ def edited(changes: dict) -> dict:
 NLLB = ", ".join(sorted(NLLB_CODES))
 COMPUTE = ", ".join(("auto", *ACCEPTED_MODEL_TYPES))
 XQUAD_LANGS = "ar, de, el, en, es, hi, ru, th, tr, vi, zh"
+NOT_OWN = "nor a .parquet, .jsonl or .csv file, a folder or a hub id (org/name)"
 MLQA_LANGS = "ar, de, en, es, hi, vi, zh"
 
 # Keys that are not what the schema knows: misspelt, misplaced, missing.
@@ -103,9 +104,13 @@ VALUE_CASES = [
     ({"seed": "42"}, "seed: expected an integer, got the string '42'"),
     ({"seed": True}, "seed: expected an integer, got the boolean true"),
     ({"seed": 4.2}, "seed: expected an integer, got the number 4.2"),
-    ({"data.train": "mlqa"}, "data.train: 'mlqa' is not one of mlqa_r, squad, xquad_r (did you mean mlqa_r?)"),
-    ({"data.train": "wiki"}, "data.train: 'wiki' is not one of mlqa_r, squad, xquad_r"),
+    ({"data.train": "mlqa"}, f"data.train: 'mlqa' is not one of mlqa_r, squad, xquad_r, {NOT_OWN} (did you mean mlqa_r?)"),
+    ({"data.train": "xquad-r"}, f"data.train: 'xquad-r' is not one of mlqa_r, squad, xquad_r, {NOT_OWN} (did you mean xquad_r?)"),
+    ({"data.train": "wiki"}, f"data.train: 'wiki' is not one of mlqa_r, squad, xquad_r, {NOT_OWN}"),
+    ({"data.train": "faq.json"}, f"data.train: 'faq.json' is not one of mlqa_r, squad, xquad_r, {NOT_OWN}"),
     ({"data.train": 5}, "data.train: expected a string, got the integer 5"),
+    ({"data.license": ""}, "data.license: expected a non-empty string, got the string ''"),
+    ({"data.license": 4.0}, "data.license: expected a string or null, got the number 4.0"),
     ({"data.eval": "xquad_r"}, "data.eval: expected a list of source names, got the string 'xquad_r'"),
     ({"data.eval": ["xquad"]}, "data.eval[0]: 'xquad' is not one of mlqa_r, squad, xquad_r (did you mean xquad_r?)"),
     ({"data.eval": ["xquad_r", "xquad_r"]}, "data.eval: repeated: xquad_r"),
@@ -264,6 +269,17 @@ VALUE_CASES = [
     ({"train.query_noise": ["typo"]}, "train.query_noise[0]: 'typo': a typo rate must be a number in (0, 1], e.g. typo_0.05"),
     ({"train.query_noise": None}, "train.query_noise: expected a list of noise names, got null"),
     ({"train.query_noise_rate": 1.5}, "train.query_noise_rate: 1.5 is outside [0, 1]"),
+    ({"train.eval_every": -1}, "train.eval_every: -1 must be >= 0"),
+    ({"train.eval_every": True}, "train.eval_every: expected an integer, got the boolean true"),
+    (
+        {"train.eval_every": 10, "data.dev_share": 0},
+        "train.eval_every: 10 scores the dev split every so many steps, but data.dev_share is 0 (no dev split)",
+    ),
+    ({"train.keep_best": "map", "train.eval_every": 10}, "train.keep_best: 'map' is not one of mono_map, cross_map, multi_map"),
+    (
+        {"train.keep_best": "multi_map"},
+        "train.keep_best: multi_map picks a step of the dev curve, but train.eval_every is 0 (no dev curve)",
+    ),
 ]
 
 # Edits that must stay valid: ints where numbers go, nulls where allowed, the edges of ranges.
@@ -286,6 +302,12 @@ GOOD_EDITS = [
     {"translate.model": "models/nllb-ct2", "translate.source_lang": "de", "translate.compute_type": "int8_float16"},
     {"train.chunk_size": 16, "sampler.batch_size": 16},
     {"model.query_prefix": "", "model.passage_prefix": "", "seed": 0, "evaluate.noise_seed": 2**32 - 1},
+    {"data.train": "data/own/faq.jsonl", "data.license": "CC BY 4.0"},  # data of your own (docs/own-data.md)
+    {"data.train": "faq.PARQUET", "translate.model": "models/nllb-ct2", "translate.source_lang": "de"},  # its languages: fetch's to say
+    {"data.train": "../elsewhere/faq.csv"},
+    {"data.train": "data/own/faq_dataset"},  # a save_to_disk folder
+    {"data.train": "my-org/product-faq"},  # a hub dataset id
+    {"train.eval_every": 1, "train.keep_best": "multi_map"},
 ]
 
 

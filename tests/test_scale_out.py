@@ -170,12 +170,14 @@ def test_ranks_resume_together_or_all_stop_with_one_line(tiny_model_dir, tmp_pat
 
 
 def test_stage_launches_torchrun_with_train_processes(tmp_path, tiny_model_dir):
-    cwd = stage_dir(tmp_path, tiny_model_dir, chunk_size=1)
+    """With a dev curve: rank 0 scores the dev split while rank 1 waits, after every step."""
+    cwd = stage_dir(tmp_path, tiny_model_dir, chunk_size=1, eval_every=1, keep_best="multi_map")
     result = run_train_stage(cwd, HYBRIDIR_PROCESSES="2")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((cwd / "metrics/train.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 3
-    assert len((cwd / "metrics/train_live/plots/metrics/train/loss.tsv").read_text().splitlines()) == 4  # rank 0 only
+    assert summary["processes"] == 2 and summary["steps"] == 3 and summary["kept_step"] in (1, 2, 3)
+    for curve in ("train/loss", "dev/multi_map"):  # rank 0 only
+        assert len((cwd / f"metrics/train_live/plots/metrics/{curve}.tsv").read_text().splitlines()) == 4
     assert load(cwd / "models/retriever").encode(["query: hi"]).shape == (1, 32)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import PipelineError
-from pipeline.contracts import QUERIES_SCHEMA
+from pipeline.contracts import HEADLINE_FIGURES, QUERIES_SCHEMA
 from pipeline.scoring.metrics import average_precision, ndcg_at_k, rank_distance, ranks_of, recall_at_k
 from pipeline.sources.resource_classes import mean_by_class, resource_class
 
@@ -40,7 +40,7 @@ from pipeline.sources.resource_classes import mean_by_class, resource_class
 # SCORE_BUDGET // pool size against the whole multilingual pool, so a pool 10x
 # larger gets blocks 10x smaller and peak memory stays flat.
 SCORE_BUDGET = 2**24
-SETTINGS = ("mono_map", "cross_map", "multi_map")  # the headline figure of each setting
+SETTINGS = HEADLINE_FIGURES  # the headline figure of each setting
 CLASS_FIGURES = ("mono_map", "multi_map", "rank_distance", "language_preference")  # per query language, by resource class
 
 

@@ -1,4 +1,5 @@
-"""The QA sources the pipeline knows: where each is published, pinned by sha256.
+"""The QA sources the pipeline knows: where each is published, pinned by sha256, and its licence;
+and how `data.train` names data of the user's own instead (docs/own-data.md).
 
 `fetch` downloads (or reads from the mirror) and validates them into the tables of
 `pipeline/contracts.py`; `evaluate` and the params schema check dataset names here.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.contracts import OWN_SOURCE
+
 
 @dataclass(frozen=True)
 class LareqaSource:
@@ -16,6 +19,7 @@ class LareqaSource:
     name: str
     url_template: str  # formatted with lang=...
     mirror_dir: str  # relative path under the mirror root
+    license: str  # a model trained on it inherits it (the model card says so)
     sha256: dict[str, str]
 
     @property
@@ -29,6 +33,7 @@ XQUAD_R = LareqaSource(
         "https://raw.githubusercontent.com/google-research-datasets/lareqa/9bc8c7fb6dd8d01d72a05a93c2cb96882b0d299c/xquad-r/{lang}.json"
     ),
     mirror_dir="lareqa/xquad-r",
+    license="CC BY-SA 4.0",
     sha256={
         "ar": "c52922d3b8ac1ae03ed5ac38647ad59870dca3dda2beefe18ecdc30729acb69d",
         "de": "16fb0f4bf4916154b585a20c24c66074591c9718a1affe764ff4697572328949",
@@ -50,6 +55,7 @@ MLQA_R = LareqaSource(
         "https://raw.githubusercontent.com/google-research-datasets/lareqa/354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r/{lang}.json"
     ),
     mirror_dir="lareqa/mlqa-r",
+    license="CC BY-NC 4.0",
     sha256={
         "ar": "2132fbc03208535c0fe01f2e2c5121d06f9c2aa799af93b0a719dbc105bdf137",
         "de": "ce9454dc5aa6f2d85c23cd6e49cb367fbb7c4c6e62d7f71e355c6b5dae4d0886",
@@ -64,3 +70,30 @@ MLQA_R = LareqaSource(
 LAREQA_SOURCES = {s.name: s for s in (XQUAD_R, MLQA_R)}
 # English SQuAD-format sources (translated by the `translate` stage); read with `datasets`.
 SQUAD_SOURCES = {"squad"}
+SQUAD_LICENSE = "CC BY-SA 4.0"  # SQuAD v1.1's
+
+# Data of the user's own: `data.train` names a local file by its suffix, a `save_to_disk` folder or a
+# hub dataset id (docs/own-data.md); `fetch` writes its tables as the source contracts.OWN_SOURCE.
+OWN_FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".csv": "csv"}  # suffix -> the `datasets` builder that reads it
+OWN_DATA_DIR = "data/own"  # a dependency of `fetch` in dvc.yaml: a file here reruns fetch when it changes
+
+
+def known_sources() -> list[str]:
+    return sorted(set(LAREQA_SOURCES) | SQUAD_SOURCES)
+
+
+def is_own_data(train: str) -> bool:
+    """Whether `data.train` names data of the user's own rather than a known source."""
+    return train not in LAREQA_SOURCES and train not in SQUAD_SOURCES
+
+
+def raw_source(train: str) -> str:
+    """The source whose fetched tables `data.train` trains on (the folder under data/raw/)."""
+    return OWN_SOURCE if is_own_data(train) else train
+
+
+def source_license(train: str) -> str | None:
+    """A known source's licence; None for data of the user's own (only its owner can declare it)."""
+    if train in LAREQA_SOURCES:
+        return LAREQA_SOURCES[train].license
+    return SQUAD_LICENSE if train in SQUAD_SOURCES else None

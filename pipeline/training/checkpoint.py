@@ -1,7 +1,7 @@
 """Checkpoints of a training run: written atomically, resumed only by the run that made them.
 
-A checkpoint holds the model, optimizer, scheduler, RNG states, the plan position and the
-curves logged so far; its fingerprint (a hash of the plan, the data, the params and the
+A checkpoint holds the model, optimizer, scheduler, RNG states, the plan position, the
+curves logged so far and, under `train.keep_best`, the best dev step's weights; its fingerprint (a hash of the plan, the data, the params and the
 base weights) keeps `--resume` from ever mixing two different runs. Every rank of a
 distributed run reads the checkpoint from its own disk, so the ranks check that they start
 from one step of one run (`check_ranks_agree`): on nodes without a shared folder one would
@@ -39,7 +39,9 @@ def run_fingerprint(*parts: bytes) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, fingerprint: str, history: list[dict], adversary=None) -> None:
+def save_checkpoint(
+    path: Path, step: int, model, optimizer, scheduler, fingerprint: str, history: list[dict], adversary=None, best: dict | None = None
+) -> None:
     state = {
         "step": step,
         "fingerprint": fingerprint,
@@ -49,33 +51,36 @@ def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, fingerpr
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "history": history,  # the logged curves up to `step`, to rebuild the log on resume
+        "best": best,  # train.keep_best: the best dev step so far ({step, value, weights}), or None
     }
     with atomic_outputs(path) as (tmp,):
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str, adversary=None) -> tuple[int, list[dict]]:
-    """Restore a checkpoint of this very run: (its step, the curves logged up to it); (0, []) when there is
-    none to use. A checkpoint that cannot be read (killed mid-save, disk full) is ignored, not fatal;
-    `weights_only` means a checkpoint file can never run code."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str, adversary=None) -> tuple[int, list[dict], dict | None]:
+    """Restore a checkpoint of this very run: (its step, the curves logged up to it, the best dev step so
+    far, its weights on the CPU); (0, [], None) when there is none to use. A checkpoint that cannot be read
+    (killed mid-save, disk full) is ignored, not fatal; `weights_only` means a checkpoint file can never run code."""
     if not path.exists():
-        return 0, []
+        return 0, [], None
     try:
         state = torch.load(path, map_location=model.device, weights_only=True)
-        step, history = int(state["step"]), list(state["history"])
+        step, history, best = int(state["step"]), list(state["history"]), state["best"]
     except Exception as err:  # truncated zip, bad pickle, missing key: all mean "unusable"
         print(f"{path}: unusable checkpoint ({first_line(err)}); ignored, training from step 0", file=sys.stderr)
-        return 0, []
+        return 0, [], None
     if state.get("fingerprint") != fingerprint:
         print(f"{path}: checkpoint is from other inputs or params; starting from step 0")
-        return 0, []
+        return 0, [], None
     model.load_state_dict(state["model"])
     if adversary is not None:
         adversary.load_state_dict(state["adversary"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return step, history
+    if best is not None:
+        best["weights"] = {name: weight.cpu() for name, weight in best["weights"].items()}
+    return step, history, best
 
 
 def check_ranks_agree(world: World, path: Path, step: int, fingerprint: str) -> None:

@@ -87,6 +87,11 @@ class World:
         for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(part.view_as(grad))
 
+    def barrier(self) -> None:
+        """Wait here until every rank arrives (the others, while rank 0 scores the dev split)."""
+        if self.size > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.size > 1:
             dist.barrier()

@@ -14,6 +14,7 @@ must not replace the tracked metrics of the pipeline's own.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ from pipeline.scoring.mteb_tasks import leave_note, plan_mteb, run_mteb
 from pipeline.scoring.report import format_noise, format_summary, write_plots
 from pipeline.scoring.robustness import noise_robustness
 from pipeline.sources.catalogue import LAREQA_SOURCES
+
+log = logging.getLogger(__name__)
 
 DEV_DATASET = "dev"  # the held-out dev split of data.train (data/dev), for choices: never the reported result
 
@@ -158,7 +161,7 @@ def main() -> None:
         bf16 = precision == "bf16"
         machine = machine_record(str(model.device), precision)
         report, results, noise_reports = {"machine": machine, "timing": {}}, {}, {}
-        print(f"encoding on {describe(machine)}")
+        log.info(f"encoding on {describe(machine)}")
         queries_tmp.mkdir()
         for name, task in tasks.items():
             result = evaluate_task(model, task, prefixes, batch_size, bf16)
@@ -168,8 +171,8 @@ def main() -> None:
                 "texts_per_s": round(result.timing["unique_texts"] / result.timing["encode_seconds"], 1),
             }
             write_parquet(queries_table(result.scores), queries_tmp / f"{name}.parquet", made_by={"dataset": name})
-            print(format_summary(name, result.summary))
-            print(
+            log.info(format_summary(name, result.summary))
+            log.info(
                 f"  {result.timing['unique_texts']} unique of {result.timing['texts']} texts encoded in "
                 f"{result.timing['encode_seconds']:.1f} s, scored in {result.timing['score_seconds']:.1f} s"
             )
@@ -187,7 +190,7 @@ def main() -> None:
                     bf16,
                 )
                 report[name]["noise"] = noise_reports[name]
-                print(format_noise(name, noise_reports[name], evaluate.noise_queries))
+                log.info(format_noise(name, noise_reports[name], evaluate.noise_queries))
         if mteb_plan:
             report.update(run_mteb(model, mteb_plan))
         if plots_tmp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -24,13 +25,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import requests
-from tqdm import tqdm
 
 from pipeline.common import (
     PipelineError,
     atomic_outputs,
     atomic_path,
     first_line,
+    progress,
     run_stage,
     stage_parser,
     write_parquet,
@@ -38,6 +39,8 @@ from pipeline.common import (
 from pipeline.contracts import CANDIDATES_SCHEMA, QUESTIONS_SCHEMA, raw_stamp, raw_tables
 from pipeline.params import DataParams, load_params
 from pipeline.sources.catalogue import LAREQA_SOURCES, SQUAD_SOURCES, LareqaSource
+
+log = logging.getLogger(__name__)
 
 DOWNLOADS_DIR = Path("data/downloads")
 
@@ -283,7 +286,7 @@ def download(url: str, dest: Path, want_sha256: str, tries: int = 3, backoff_s: 
                         raise PipelineError(f"{url}: HTTP {resp.status_code} {resp.reason}")
                     resp.raise_for_status()
                     total = int(resp.headers.get("content-length", 0)) or None
-                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None)
+                    bar = progress(total=total, unit="B", unit_scale=True, desc=dest.name)
                     with tmp.open("wb") as f, bar:
                         for chunk in resp.iter_content(chunk_size=1 << 16):
                             f.write(chunk)
@@ -371,7 +374,7 @@ def main() -> None:
         for name, (questions, candidates) in tables.items():
             write_parquet(questions, next(written), made_by=made_by[name])
             write_parquet(candidates, next(written), made_by=made_by[name])
-    print(count_table(tables))
+    log.info(count_table(tables))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ the plan's batches.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -33,9 +34,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_outputs, read_parquet, run_stage, stage_parser, write_json
+from pipeline.common import PipelineError, atomic_outputs, progress, read_parquet, run_stage, stage_parser, write_json
 from pipeline.contracts import (
     BASE_MODEL_DIR,
     CANDIDATES_SCHEMA,
@@ -55,6 +55,8 @@ from pipeline.training.checkpoint import check_ranks_agree, load_checkpoint, run
 from pipeline.training.distributed import World, check_scale_out, init_world, launched_by_torchrun, relaunch_under_torchrun
 from pipeline.training.loss import contrastive_step
 from pipeline.training.planned import PlannedBatch, has_negatives, plan_texts, query_noise_draws
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PATH = Path("models/checkpoints/train.pt")
 
@@ -133,13 +135,13 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
         check_ranks_agree(world, run.checkpoint, start, run.fingerprint)
     precision = resolve_precision(config.precision, model.device.type, "train.precision")
     bf16 = precision == "bf16"
-    log = run.log if world.lead else None
-    for row in history if log else []:
-        log(row["step"], {k: v for k, v in row.items() if k != "step"})
+    log_step = run.log if world.lead else None
+    for row in history if log_step else []:
+        log_step(row["step"], {k: v for k, v in row.items() if k != "step"})
     model.train()
     loss_value, pairs_done, seconds, figures = float("nan"), 0, 0.0, {}
-    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", disable=not world.lead or None)
-    for step in progress:
+    bar = progress(range(start, steps), total=steps, desc="train", unit="step", initial=start, disable=not world.lead)
+    for step in bar:
         began = time.perf_counter()
         batch = batches[step]
         loss, figures = contrastive_step(model, batch, config.temperature, world, config.chunk_size, bf16, adversary)
@@ -157,9 +159,9 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
         metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "pairs_per_s": len(batch.queries) / elapsed}
         metrics |= {name: value.item() for name, value in figures.items()}
         history.append({"step": step + 1, **metrics})
-        progress.set_postfix(loss=f"{loss_value:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
-        if log is not None:
-            log(step + 1, metrics)
+        bar.set_postfix(loss=f"{loss_value:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+        if log_step is not None:
+            log_step(step + 1, metrics)
         if run.checkpoint and world.lead and ((step + 1) % run.checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(run.checkpoint, step + 1, model, optimizer, scheduler, run.fingerprint, history, adversary)
         if run.stop_after is not None and step + 1 - start >= run.stop_after:
@@ -236,20 +238,20 @@ def main() -> None:
         # moved into place with the model: an interrupted run leaves the previous curves as they were.
         with Live(dir=str(live_out), save_dvc_exp=False, dvcyaml=False, resume=False) as live:
 
-            def log(step: int, metrics: dict) -> None:
+            def log_step(step: int, metrics: dict) -> None:
                 live.step = step
                 for name, value in metrics.items():
                     live.log_metric(f"train/{name}", value, plot=True)
                 live.next_step()
 
-            run.log = log
+            run.log = log_step
             summary = train(model, batches, params.train, params.seed, run)
         summary["noisy_queries"] = sum(draw is not None for draw in noise)
         model.save(str(model_out))
         write_json(summary, metrics_out)
     CHECKPOINT_PATH.unlink(missing_ok=True)
     world.close()
-    print(
+    log.info(
         f"wrote {args.out}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
         f"{summary['pairs_per_s']} pairs/s in {summary['processes']} process(es) on {describe(summary['machine'])}"
     )

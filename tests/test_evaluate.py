@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import torch
 
 from pipeline import evaluate, fetch
 from pipeline.analysis import compare
@@ -350,29 +351,39 @@ def test_an_empty_language_code_is_named():
 # --- encode_unique ----------------------------------------------------------------------
 
 
-class RecordingModel:
-    """Stands in for a SentenceTransformer: records what it encodes; embeds a text by its length and first char."""
+class RecordingModel(torch.nn.Module):
+    """Stands in for a SentenceTransformer: records what it encodes, runs itself once per batch as
+    sentence-transformers does, and embeds a text by its length and first char."""
 
     def __init__(self):
+        super().__init__()
         self.calls: list[tuple[list[str], dict]] = []
 
     @staticmethod
     def embed(text: str) -> list[float]:
         return [len(text), ord(text[0]) if text else 0]
 
+    def forward(self, features: dict) -> dict:
+        return features
+
     def encode(self, texts, **kwargs):
         self.calls.append((list(texts), kwargs))
+        for start in range(0, len(texts), kwargs["batch_size"]):
+            self({"input_ids": texts[start : start + kwargs["batch_size"]]})
         return np.array([self.embed(t) for t in texts], dtype=np.float64)
 
 
-def test_encode_unique_encodes_each_distinct_text_once():
+def test_encode_unique_encodes_each_distinct_text_once(capsys):
     texts = ["query: a", "passage: b", "query: a", "passage: bb", "passage: b", "passage: b", "query: c"]
     model = RecordingModel()
-    embeddings, index = encode_unique(model, texts, batch_size=7)
+    embeddings, index = encode_unique(model, texts, batch_size=3)
     assert len(model.calls) == 1
     encoded, kwargs = model.calls[0]
     assert sorted(encoded) == sorted(set(texts))  # each once
-    assert kwargs["batch_size"] == 7 and kwargs["normalize_embeddings"] is True
+    assert kwargs["batch_size"] == 3 and kwargs["normalize_embeddings"] is True and kwargs["show_progress_bar"] is False
+    shown = capsys.readouterr()  # the project's own progress, counted by batch: 3 then 1 of 4 distinct texts
+    assert [line.split(" [")[0] for line in shown.out.splitlines()] == ["encoding:  75% 3/4", "encoding: 100% 4/4"]
+    assert "\r" not in shown.out + shown.err
     assert embeddings.dtype == np.float32 and embeddings.shape == (4, 2)
     np.testing.assert_array_equal(embeddings[index], [RecordingModel.embed(t) for t in texts])
 

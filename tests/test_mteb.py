@@ -334,8 +334,8 @@ def test_a_corrupt_saved_result_is_evaluated_again(first_run, lareqa_task, trans
     evaluated = counting_evaluations(monkeypatch)
     report = run_mteb(model, plan_locally(monkeypatch, tiny_model_dir, saved, tasks=local_tasks(lareqa_task, translations)))
     assert evaluated == ["LocalXQuADRBitext"] and report == first_run.report
-    line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"{cut}: unreadable (") and line.endswith("); evaluating LocalXQuADRBitext again")
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line.startswith(f"warning: {cut}: unreadable (") and line.endswith("); evaluating LocalXQuADRBitext again")
     assert json.loads(cut.read_text(encoding="utf-8"))["task_name"] == "LocalXQuADRBitext"  # whole again
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.common import PipelineError, first_line
+from pipeline.common import PipelineError, first_line, progress
 
 
 def autocast(device_type: str, bf16: bool):
@@ -136,20 +136,36 @@ def load_model(name: str, max_length: int, device: str | None = None):
     return model
 
 
-def encode_unique(model, texts: list[str], batch_size: int, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+@contextlib.contextmanager
+def counting_texts(model, bar):
+    """Advance `bar` by each batch the model's encoder runs: the project's own progress (common.progress) in
+    place of sentence-transformers' bar, which draws a carriage-return frame per batch even into a log."""
+
+    def count(module, args, output) -> None:
+        bar.update(len(args[0]["input_ids"]))
+
+    hook = model.register_forward_hook(count)
+    try:
+        with bar:
+            yield
+    finally:
+        hook.remove()
+
+
+def encode_unique(model, texts: list[str], batch_size: int, bf16: bool = False, desc: str = "encoding") -> tuple[np.ndarray, np.ndarray]:
     """Encode each distinct text once (one call; sentence-transformers sorts it by length).
 
     Returns (float32 embeddings of the distinct texts, index of each input text into them).
     """
     index, unique = pd.factorize(pd.Series(texts, dtype=object))
-    with autocast(model.device.type if bf16 else "cpu", bf16):
+    with autocast(model.device.type if bf16 else "cpu", bf16), counting_texts(model, progress(total=len(unique), desc=desc, unit="text")):
         embeddings = model.encode(
             list(unique),
             batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=not bf16,
             convert_to_tensor=bf16,
-            show_progress_bar=True,
+            show_progress_bar=False,
         )
     if bf16:  # re-normalized in fp32: in bf16 the unit length holds to about 3 digits only
         embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import re
 import time
 from collections import defaultdict
@@ -26,6 +27,8 @@ from pathlib import Path
 from pipeline.common import PipelineError, atomic_path, first_line
 from pipeline.params import EvaluateParams, ModelParams
 from pipeline.sources.resource_classes import has_class, mean_by_class
+
+log = logging.getLogger(__name__)
 
 RETRIEVAL_TYPES = ("Retrieval", "Reranking")
 RETRIEVAL_SCORES = ("ndcg_at_10", "recall_at_100")  # the main score of MTEB retrieval, and how much a reranker could recover
@@ -189,7 +192,7 @@ def load_result(results_dir: Path, task):
     try:
         result = TaskResult.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
-        print(f"{path}: unreadable ({first_line(err)}); evaluating {task.metadata.name} again")
+        log.warning(f"{path}: unreadable ({first_line(err)}); evaluating {task.metadata.name} again")
         return None
     done = {(split, scores["hf_subset"]) for split, entries in result.scores.items() for scores in entries}
     wanted = {(split, subset) for split in task.eval_splits for subset in task.hf_subsets}
@@ -232,10 +235,7 @@ def evaluate_tasks(model, plan: MtebPlan) -> dict:
             save_result(plan.results_dir, results[name])
         how = "saved before" if name in plan.finished else "evaluated"
         minutes = (time.perf_counter() - started) / 60
-        print(
-            f"MTEB {done}/{len(plan.tasks)} {name}: main score {results[name].get_score():.4f} ({how}); {minutes:.1f} min so far",
-            flush=True,
-        )
+        log.info(f"MTEB {done}/{len(plan.tasks)} {name}: main score {results[name].get_score():.4f} ({how}); {minutes:.1f} min so far")
     return results
 
 

@@ -6,7 +6,10 @@ loads, encodes every distinct text once (pipeline/scoring/encoding.py), scores a
 tasks (pipeline/scoring/mteb_tasks.py), and writes the metrics JSON, the per-query results
 (one Parquet file per dataset, for pipeline/analysis/compare.py) and the plots together.
 
-dvc.yaml's commands name every output path. Run by hand, results go to
+dvc.yaml's commands name every output path, and `--prefixes params`: the pipeline's own
+evaluations prefix queries and passages as params.yaml says (the prefixes are part of the
+recipe). Run by hand, a model is scored with the prompts it was saved with
+(`--query-prefix`/`--passage-prefix` override them), results go to
 `results/<model folder name>/` (git-ignored) unless `--out`/`--mteb-results` say otherwise,
 and a path that dvc.yaml declares as a stage's output is refused: scoring another model
 must not replace the tracked metrics of the pipeline's own.
@@ -48,7 +51,7 @@ from pipeline.contracts import (
 )
 from pipeline.machine import describe, machine_record, resolve_precision
 from pipeline.params import DataParams, execution, load_params
-from pipeline.scoring.encoding import encode_unique, load_model
+from pipeline.scoring.encoding import encode_unique, load_model, saved_prefixes
 from pipeline.scoring.lareqa import RetrievalTask, TaskScores, build_task, headline_figures, score_task, select_langs
 from pipeline.scoring.mteb_tasks import leave_note, plan_mteb, run_mteb
 from pipeline.scoring.report import format_noise, format_summary, write_plots
@@ -71,7 +74,8 @@ def read_source_tables(name: str, data: DataParams, raw_dir: Path = RAW_DIR) -> 
         where = "run `dvc repro translate`"
     elif name in LAREQA_SOURCES:
         (questions_path, candidates_path), made_by = raw_tables(name, raw_dir), raw_stamp(name)
-        where = "add it to data.eval and run `dvc repro fetch`"
+        known = name == data.train or name in data.eval
+        where = "run `dvc repro fetch` first" if known else "add it to data.eval in params.yaml, then run `dvc repro fetch`"
     else:
         raise PipelineError(f"unknown evaluation dataset '{name}' (known: {', '.join([*sorted(LAREQA_SOURCES), DEV_DATASET])})")
     if not questions_path.exists():
@@ -122,6 +126,23 @@ def queries_table(scores: TaskScores) -> pa.Table:
     return pa.Table.from_pandas(scores.queries, QUERIES_SCHEMA, preserve_index=False).replace_schema_metadata(None)
 
 
+def choose_prefixes(
+    source: str, params_prefixes: tuple[str, str], saved: dict[str, tuple[str, str]], query: str | None, passage: str | None
+) -> dict[str, tuple[str, str]]:
+    """The query and passage prefixes, each with where it came from: --query-prefix/--passage-prefix, else
+    params.yaml's (`--prefixes params`), else the prompts the model was saved with (`saved_prefixes`)."""
+    chosen = {}
+    for kind, flag, from_params in zip(("query", "passage"), (query, passage), params_prefixes):
+        if flag is not None:
+            chosen[kind] = (flag, f"--{kind}-prefix")
+        elif source == "params":
+            chosen[kind] = (from_params, f"params.yaml model.{kind}_prefix")
+        else:
+            prompt, name = saved[kind]
+            chosen[kind] = (prompt, f"the model's saved prompt '{name}'" if prompt else "the model was saved with none")
+    return chosen
+
+
 def results_dir(model: str) -> Path:
     """Where a model scored by hand has its results by default: results/<the model folder's name>."""
     return RESULTS_DIR / Path(model).resolve().name
@@ -132,6 +153,14 @@ def main() -> None:
     parser.add_argument("--dataset", help="comma-separated datasets (default: evaluate.datasets)")
     parser.add_argument("--langs", help="comma-separated language codes (default: evaluate.langs or all)")
     parser.add_argument("--batch-size", type=int, help="texts per encoding batch (default: HYBRIDIR_EVAL_BATCH_SIZE, else 16)")
+    parser.add_argument(
+        "--prefixes",
+        choices=("model", "params"),
+        default="model",
+        help="model: the prompts the model was saved with (default); params: params.yaml's model.*_prefix (the pipeline's stages)",
+    )
+    parser.add_argument("--query-prefix", help="prefix every query with this instead")
+    parser.add_argument("--passage-prefix", help="prefix every passage with this instead")
     args = parser.parse_args()
     args.out = args.out or str(results_dir(args.model) / "eval.json")
     args.mteb_results = args.mteb_results or str(results_dir(args.model) / "mteb")
@@ -139,7 +168,6 @@ def main() -> None:
     evaluate = params.evaluate
     datasets = args.dataset.split(",") if args.dataset else list(evaluate.datasets)
     langs = args.langs.split(",") if args.langs else evaluate.langs
-    prefixes = (params.model.query_prefix, params.model.passage_prefix)
     batch_size = args.batch_size or execution().eval_batch_size
     dev_only = datasets == [DEV_DATASET]
     if DEV_DATASET in datasets and not dev_only:
@@ -155,13 +183,20 @@ def main() -> None:
         for name in datasets:
             questions, candidates, folder = read_source_tables(name, params.data)
             tasks[name] = prepare_task(questions, candidates, langs, name, str(folder))
-        mteb_plan = None if dev_only else plan_mteb(evaluate, params.model, args.model, args.mteb_results, batch_size)
-        model = load_model(args.model, params.model.max_length)
+        wanted_prompts = args.prefixes == "model" and None in (args.query_prefix, args.passage_prefix)
+        saved = saved_prefixes(args.model) if wanted_prompts else {}
+        params_prefixes = (params.model.query_prefix, params.model.passage_prefix)
+        chosen = choose_prefixes(args.prefixes, params_prefixes, saved, args.query_prefix, args.passage_prefix)
+        prefixes = (chosen["query"][0], chosen["passage"][0])
+        max_length = params.model.max_length
+        mteb_plan = None if dev_only else plan_mteb(evaluate, prefixes, max_length, args.model, args.mteb_results, batch_size)
+        model = load_model(args.model, max_length)
         precision = resolve_precision(evaluate.precision, model.device.type, "evaluate.precision")
         bf16 = precision == "bf16"
         machine = machine_record(str(model.device), precision)
-        report, results, noise_reports = {"machine": machine, "timing": {}}, {}, {}
+        report, results, noise_reports = {"machine": machine, "prefixes": dict(zip(chosen, prefixes)), "timing": {}}, {}, {}
         log.info(f"encoding on {describe(machine)}")
+        log.info("prefixes: " + ", ".join(f"{kind} {text!r} ({where})" for kind, (text, where) in chosen.items()))
         queries_tmp.mkdir()
         for name, task in tasks.items():
             result = evaluate_task(model, task, prefixes, batch_size, bf16)

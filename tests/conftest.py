@@ -24,9 +24,10 @@ def stage_command_line(monkeypatch):
     monkeypatch.setattr("sys.argv", ["stage"])
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def stage_console():
-    """The console a stage sets up (info lines to stdout, warnings to stderr), for library code a test calls directly."""
+    """The console a stage sets up (info lines to stdout, warnings to stderr), for library code a test calls
+    directly, module fixtures included (tests/test_console.py sets it up again after changing it)."""
     setup_logging(0)
 
 

@@ -14,6 +14,13 @@ from pipeline.common import progress, run_stage, setup_logging
 from tests.helpers import REPO, stage_dir, stage_env
 
 
+@pytest.fixture(autouse=True)
+def default_console():
+    """Each test here may change the console: the next test gets the default one back."""
+    yield
+    setup_logging(0)
+
+
 def shown(capsys) -> tuple[list[str], str]:
     """What the console showed: stdout's lines without their timing part, and stderr."""
     out, err = capsys.readouterr()

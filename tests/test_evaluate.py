@@ -21,10 +21,10 @@ from pipeline.analysis import compare
 from pipeline.common import PipelineError, _restore_hint, read_parquet, refuse_declared_outputs, run_stage
 from pipeline.contracts import QUERIES_SCHEMA, QUESTIONS_SCHEMA
 from pipeline.scoring import lareqa, mteb_tasks
-from pipeline.scoring.encoding import encode_unique, load_model
+from pipeline.scoring.encoding import encode_unique, load_model, saved_prefixes
 from pipeline.scoring.lareqa import RetrievalTask, build_task, headline_figures, score_task, select_langs
 from pipeline.scoring.metrics import ranks_of
-from tests.helpers import REPO, mirror_file, write_raw
+from tests.helpers import REPO, mirror_file, write_params, write_raw
 
 # --- score_task / summarize on hand-made scores --------------------------------------
 #
@@ -438,7 +438,10 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     out = _cli(workdir, "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,de", "--out", "m.json", "--plots", "plots")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((workdir / "m.json").read_text(encoding="utf-8"))
-    assert list(report) == ["machine", "timing", "xquad_r"] and report["machine"]["precision"] in ("bf16", "fp32")
+    assert list(report) == ["machine", "prefixes", "timing", "xquad_r"] and report["machine"]["precision"] in ("bf16", "fp32")
+    assert report["prefixes"] == {"query": "", "passage": ""}  # by hand: the model's own prompts, and the tiny model has none
+    assert "prefixes: query '' (the model was saved with none), passage '' (the model was saved with none)" in out.stdout
+    assert "\r" not in out.stdout + out.stderr and "encoding: 100% " in out.stdout  # progress lines, not a bar's frames
     assert report["timing"]["xquad_r"]["texts_per_s"] > 0
     summary = report["xquad_r"]
     n_questions = len(pd.read_parquet(workdir / "data/raw/xquad_r/questions.parquet").query("lang == 'en'"))
@@ -533,6 +536,58 @@ def test_cli_unknown_language(workdir, tiny_model_dir, monkeypatch, capfd):
         workdir, monkeypatch, capfd, "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,xx", "--out", "bad.json"
     )
     _assert_error(code, err, "unknown language code(s) 'xx' (available: de, en, es)", workdir / "bad.json")
+
+
+def _with_prompts(tiny_model_dir: Path, dest: Path, prompts: dict[str, str]) -> Path:
+    """The tiny model saved with these prompts (config_sentence_transformers.json), as e5 models on the hub are."""
+    shutil.copytree(tiny_model_dir, dest)
+    config = json.loads((dest / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+    (dest / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": prompts}), encoding="utf-8")
+    return dest
+
+
+def test_saved_prefixes_are_the_prompts_encode_query_and_encode_document_use(tiny_model_dir, tmp_path):
+    model = _with_prompts(tiny_model_dir, tmp_path / "e5", {"query": "query: ", "passage": "passage: ", "document": ""})
+    assert saved_prefixes(str(model)) == {"query": ("query: ", "query"), "passage": ("passage: ", "passage")}
+    assert saved_prefixes(str(tiny_model_dir)) == {"query": ("", "query"), "passage": ("", "document")}  # none saved
+    assert saved_prefixes(str(tmp_path / "nowhere"))["query"] == ("", "query")  # loading it says why it is not there
+
+
+@pytest.mark.parametrize(
+    ("source", "flags", "expected"),
+    [
+        ("model", (None, None), {"query": ("q: ", "the model's saved prompt 'query'"), "passage": ("", "the model was saved with none")}),
+        ("params", (None, None), {"query": ("query: ", "params.yaml model.query_prefix"), "passage": ("passage: ", "params.yaml model.passage_prefix")}),
+        ("model", (None, "doc: "), {"query": ("q: ", "the model's saved prompt 'query'"), "passage": ("doc: ", "--passage-prefix")}),
+        ("params", ("", None), {"query": ("", "--query-prefix"), "passage": ("passage: ", "params.yaml model.passage_prefix")}),
+    ],
+)  # fmt: skip
+def test_prefixes_are_the_models_own_unless_the_stage_or_a_flag_says_otherwise(source, flags, expected):
+    saved = {"query": ("q: ", "query"), "passage": ("", "document")}
+    assert evaluate.choose_prefixes(source, ("query: ", "passage: "), saved, *flags) == expected
+
+
+def test_a_model_scored_by_hand_gets_its_own_prompts_and_the_output_says_so(workdir, tiny_model_dir, tmp_path, monkeypatch, capfd):
+    model = _with_prompts(tiny_model_dir, tmp_path / "prompted", {"query": "q: ", "document": "d: "})
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--model", str(model), "--langs", "en", "--out", str(tmp_path / "e.json")])
+    run_stage(evaluate.main)
+    printed = capfd.readouterr().out
+    assert "prefixes: query 'q: ' (the model's saved prompt 'query'), passage 'd: ' (the model's saved prompt 'document')" in printed
+    assert json.loads((tmp_path / "e.json").read_text())["prefixes"] == {"query": "q: ", "passage": "d: "}
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ("xquad_r", "data/raw/xquad_r: not made yet; run `dvc repro fetch` first"),
+        ("mlqa_r", "data/raw/mlqa_r: not made yet; add it to data.eval in params.yaml, then run `dvc repro fetch`"),
+    ],
+)
+def test_a_dataset_not_fetched_says_to_run_fetch_first(tmp_path, monkeypatch, capfd, dataset, message):
+    write_params(tmp_path, **{"data.train": "xquad_r"})  # data.eval is [xquad_r]: mlqa_r is not fetched at all
+    code, err = _run_in_process(tmp_path, monkeypatch, capfd, "--model", "unused", "--dataset", dataset, "--out", "bad.json")
+    _assert_error(code, err, message, tmp_path / "bad.json")
 
 
 @pytest.fixture

@@ -45,6 +45,25 @@ def _safetensors_complete(path: Path) -> bool:
     return 8 + header_len + end <= path.stat().st_size
 
 
+PASSAGE_PROMPT_NAMES = ("document", "passage", "corpus")  # what SentenceTransformer.encode_document looks for, in its order
+
+
+def saved_prefixes(name: str) -> dict[str, tuple[str, str]]:
+    """The query and passage prompts a sentence-transformers model was saved with, as `encode_query` and
+    `encode_document` would apply them: {"query": (text, prompt name)}, "" where it has none. Read from its
+    config_sentence_transformers.json before the model loads (a path that does not exist has none: loading
+    it says why)."""
+    from sentence_transformers.util import load_file_path
+
+    try:
+        path = load_file_path(name, "config_sentence_transformers.json")
+        prompts = (json.loads(Path(path).read_text(encoding="utf-8")).get("prompts") or {}) if path else {}
+    except Exception as err:  # the hub unreachable, a broken file: each library fails its own way
+        raise PipelineError(f"{name}: cannot read the prompts it was saved with ({first_line(err)})") from None
+    passage = next((prompt for prompt in PASSAGE_PROMPT_NAMES if prompts.get(prompt)), "document")
+    return {"query": (prompts.get("query") or "", "query"), "passage": (prompts.get(passage) or "", passage)}
+
+
 def check_model_dir(name: str, hint: str = "") -> Path | None:
     """Refuse a model directory that would load wrong or fail late: one line naming the file.
 

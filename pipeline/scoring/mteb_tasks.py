@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.common import PipelineError, atomic_path, first_line
-from pipeline.params import EvaluateParams, ModelParams
+from pipeline.params import EvaluateParams
 from pipeline.sources.resource_classes import has_class, mean_by_class
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,11 @@ class MtebPlan:
     batch_size: int
 
 
-def plan_mteb(evaluate: EvaluateParams, model: ModelParams, model_dir: str, results_root: str, batch_size: int) -> MtebPlan | None:
-    """The MTEB tasks and benchmarks params.yaml asks for (None if none), checked before any model is loaded."""
+def plan_mteb(
+    evaluate: EvaluateParams, prefixes: tuple[str, str], max_length: int, model_dir: str, results_root: str, batch_size: int
+) -> MtebPlan | None:
+    """The MTEB tasks and benchmarks params.yaml asks for (None if none), checked before any model is loaded;
+    `prefixes` are the (query, passage) prefixes the evaluation encodes with."""
     try:  # a DVC out: there after every run, MTEB or not
         Path(results_root).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -67,8 +70,7 @@ def plan_mteb(evaluate: EvaluateParams, model: ModelParams, model_dir: str, resu
     check_langs(langs)
     benchmarks = resolve_benchmarks(benchmark_names, langs)
     tasks = merge_tasks(resolve_tasks(task_names, langs) + [task for benchmark in benchmarks for task in benchmark.tasks])
-    prefixes = (model.query_prefix, model.passage_prefix)
-    results_dir = Path(results_root) / encoding_key(model_dir, prefixes, model.max_length)
+    results_dir = Path(results_root) / encoding_key(model_dir, prefixes, max_length)
     finished = {task.metadata.name: result for task in tasks if (result := load_result(results_dir, task))}
     waiting = [task for task in tasks if task.metadata.name not in finished and not task.is_aggregate]
     if waiting:  # the hub is reachable (or the data cached) before hours of work

@@ -172,6 +172,7 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
         "resumed_from_step": start,
         "final_loss": round(loss_value, 6),
         "pairs_per_s": round(pairs_done / seconds, 3) if seconds else None,
+        "train_seconds": round(seconds, 1),  # of the steps this run took (from resumed_from_step on)
         "processes": world.size,
         "machine": machine_record(str(model.device), precision),
     }

@@ -1,7 +1,9 @@
-"""The QA sources the pipeline knows: where each is published, pinned by sha256.
+"""The QA sources the pipeline knows: where each is published, pinned by sha256, and under which licence.
 
 `fetch` downloads (or reads from the mirror) and validates them into the tables of
-`pipeline/contracts.py`; `evaluate` and the params schema check dataset names here.
+`pipeline/contracts.py`; `evaluate` and the params schema check dataset names here; the
+model card (`pipeline/card.py`) names the training source and its licence, which a model
+trained on it inherits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ class LareqaSource:
     """A LAReQA-format dataset: one SQuAD-style JSON file per language, pinned by sha256."""
 
     name: str
+    title: str  # as its paper writes it
+    license: str  # the Hugging Face hub's licence id
     url_template: str  # formatted with lang=...
     mirror_dir: str  # relative path under the mirror root
     sha256: dict[str, str]
@@ -25,6 +29,8 @@ class LareqaSource:
 
 XQUAD_R = LareqaSource(
     name="xquad_r",
+    title="XQuAD-R",
+    license="cc-by-sa-4.0",
     url_template=(
         "https://raw.githubusercontent.com/google-research-datasets/lareqa/9bc8c7fb6dd8d01d72a05a93c2cb96882b0d299c/xquad-r/{lang}.json"
     ),
@@ -46,6 +52,8 @@ XQUAD_R = LareqaSource(
 
 MLQA_R = LareqaSource(
     name="mlqa_r",
+    title="MLQA-R",
+    license="cc-by-nc-4.0",  # non-commercial: so is a model trained on it
     url_template=(
         "https://raw.githubusercontent.com/google-research-datasets/lareqa/354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r/{lang}.json"
     ),
@@ -64,3 +72,4 @@ MLQA_R = LareqaSource(
 LAREQA_SOURCES = {s.name: s for s in (XQUAD_R, MLQA_R)}
 # English SQuAD-format sources (translated by the `translate` stage); read with `datasets`.
 SQUAD_SOURCES = {"squad"}
+SQUAD_LICENSE = "cc-by-sa-4.0"  # SQuAD v1.1 (rajpurkar/squad, data.squad's default)

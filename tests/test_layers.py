@@ -1,5 +1,5 @@
 """pipeline/ is layered (docs/design.md, "Where things are"): each module imports only from lower layers
-or from its own subpackage, so there is no import cycle, and the six stages stand at the top where a
+or from its own subpackage, so there is no import cycle, and the stages stand at the top where a
 newcomer finds them by name."""
 
 from __future__ import annotations

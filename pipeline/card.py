@@ -175,8 +175,10 @@ def training_source(data: DataParams) -> tuple[str, str]:
 
 def license_title(license_id: str) -> str:
     """A Creative Commons licence as it names itself ("cc-by-nc-4.0" -> "CC BY-NC 4.0"), any other as its id."""
-    kind, *terms, version = ["", *license_id.split("-")] if not license_id.startswith("cc-") else license_id.split("-")
-    return f"CC {'-'.join(terms).upper()} {version}" if kind == "cc" else license_id
+    if not license_id.startswith("cc-"):
+        return license_id
+    *terms, version = license_id.removeprefix("cc-").split("-")
+    return f"CC {'-'.join(terms).upper()} {version}"
 
 
 def license_note(license_id: str, title: str) -> str:

@@ -140,16 +140,17 @@ class ConsoleHandler(logging.Handler):
 
 def setup_logging(verbosity: int = 0) -> None:
     """The console of a stage: -1 (-q) warnings only, 0 its info lines, 1 (-v) its debug lines and the
-    libraries' info lines too. The project's loggers are `pipeline.*`, and `__main__` for the module
-    run by `python -m pipeline.<stage>`."""
+    libraries' info lines and warnings too (which they otherwise keep to themselves, as before). The
+    project's loggers are `pipeline.*`, and `__main__` for the module run by `python -m pipeline.<stage>`."""
     ours = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
-        root.removeHandler(handler)
-    root.addHandler(ConsoleHandler())
-    root.setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
-    for name in ("pipeline", "__main__"):
-        logging.getLogger(name).setLevel(ours)
+    for name in ("pipeline", "__main__", ""):
+        logger = logging.getLogger(name or None)
+        for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+            logger.removeHandler(handler)
+        if name or verbosity > 0:
+            logger.addHandler(ConsoleHandler())
+        logger.setLevel(ours if name else logging.INFO)
+        logger.propagate = not name  # ours are shown once, by their own handler
 
 
 PROGRESS_STEPS = 10  # off a terminal, a progress line each time another tenth is done

@@ -55,11 +55,13 @@ def saved_prefixes(name: str) -> dict[str, tuple[str, str]]:
     it says why)."""
     from sentence_transformers.util import load_file_path
 
-    try:
-        path = load_file_path(name, "config_sentence_transformers.json")
-        prompts = (json.loads(Path(path).read_text(encoding="utf-8")).get("prompts") or {}) if path else {}
-    except Exception as err:  # the hub unreachable, a broken file: each library fails its own way
-        raise PipelineError(f"{name}: cannot read the prompts it was saved with ({first_line(err)})") from None
+    prompts = {}
+    if Path(name).exists() or not _looks_local(name):  # a missing folder is not asked of the hub
+        try:
+            path = load_file_path(name, "config_sentence_transformers.json")
+            prompts = (json.loads(Path(path).read_text(encoding="utf-8")).get("prompts") or {}) if path else {}
+        except Exception as err:  # the hub unreachable, a broken file: each library fails its own way
+            raise PipelineError(f"{name}: cannot read the prompts it was saved with ({first_line(err)})") from None
     passage = next((prompt for prompt in PASSAGE_PROMPT_NAMES if prompts.get(prompt)), "document")
     return {"query": (prompts.get("query") or "", "query"), "passage": (prompts.get(passage) or "", passage)}
 

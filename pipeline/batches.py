@@ -19,6 +19,7 @@ replacement. Planning once, up front, makes training reproducible and lets
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -49,6 +50,8 @@ from pipeline.contracts import (
     pairs_stamp,
 )
 from pipeline.params import Params, inert_note, inert_params, load_params, plan_made_by
+
+log = logging.getLogger(__name__)
 
 
 def groups_from_pairs(pairs: pa.Table, origin: str | Path = PAIRS_PATH) -> dict[str, list[str]]:
@@ -390,8 +393,8 @@ def main() -> None:
         write_json(metrics, metrics_path)
     ignored = {name: why for name, why in inert_params(params).items() if name.startswith("sampler.")}
     if ignored:
-        print(f"batches: no effect on the plan, left out of its stamp: {inert_note(ignored)}")
-    print(
+        log.info(f"batches: no effect on the plan, left out of its stamp: {inert_note(ignored)}")
+    log.info(
         f"batches: {sampler.steps} x {sampler.batch_size} pairs ({sampler.schedule} schedule, "
         f"{metrics['batches.mono']} mono / {metrics['batches.cross']} cross / {metrics['batches.mixed']} mixed "
         f"batches, mono share {metrics['mono_share']}{negatives_note(sampler.negatives, metrics)}) from {n_groups} groups, "

@@ -1,4 +1,4 @@
-"""Helpers every stage shares: user-facing errors, the stage command line, and atomic outputs.
+"""Helpers every stage shares: user-facing errors, the stage command line and its console, and atomic outputs.
 
 Stages never leave a half-written output behind: each output is written to a
 temporary sibling path, and a stage's outputs are renamed into place together only
@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 SCHEMA_VERSION = "1"
+log = logging.getLogger(__name__)
 
 
 class PipelineError(Exception):
@@ -103,13 +107,121 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+class StageParser(argparse.ArgumentParser):
+    """A stage's command line, whose parsing also sets up the console at the verbosity asked for."""
+
+    def parse_args(self, *args, **kwargs):
+        parsed = super().parse_args(*args, **kwargs)
+        setup_logging(parsed.verbose - parsed.quiet)
+        return parsed
+
+
 def stage_parser(doc: str, **paths: str) -> argparse.ArgumentParser:
-    """A stage's command line: --params, and one option per input or output path (defaults = dvc.yaml's)."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    """A stage's command line: --params, -q/-v, and one option per input or output path (defaults = dvc.yaml's)."""
+    parser = StageParser(description=doc.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="also debug lines, and the libraries' info lines")
     for name, default in paths.items():
         parser.add_argument(f"--{name.replace('_', '-')}", default=default)
     return parser
+
+
+class ConsoleHandler(logging.Handler):
+    """Info and debug lines to stdout, warnings to stderr as `warning: ...`; the streams are looked up at
+    each line (a test's captured ones, a stage's own). Errors are not logged: run_stage prints them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            print(f"warning: {self.format(record)}", file=sys.stderr, flush=True)
+        else:
+            print(self.format(record), file=sys.stdout, flush=True)
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """The console of a stage: -1 (-q) warnings only, 0 its info lines, 1 (-v) its debug lines and the
+    libraries' info lines and warnings too (which they otherwise keep to themselves, as before). The
+    project's loggers are `pipeline.*`, and `__main__` for the module run by `python -m pipeline.<stage>`."""
+    ours = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    for name in ("pipeline", "__main__", ""):
+        logger = logging.getLogger(name or None)
+        for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+            logger.removeHandler(handler)
+        if name or verbosity > 0:
+            logger.addHandler(ConsoleHandler())
+        logger.setLevel(ours if name else logging.INFO)
+        logger.propagate = not name  # ours are shown once, by their own handler
+
+
+PROGRESS_STEPS = 10  # off a terminal, a progress line each time another tenth is done
+
+
+def progress(
+    iterable=None, total: float | None = None, desc: str = "", unit: str = "it", initial: int = 0, disable: bool = False, **tqdm_options
+):
+    """A tqdm progress bar on a terminal; elsewhere (DVC's log, a pipe, CI) a `LoggedProgress`, with the same
+    interface, that logs a line at each tenth: a log gets ten lines, not a carriage-return frame per batch."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable, **tqdm_options)
+    return LoggedProgress(iterable, total, desc, unit, initial, disable, tqdm_options.get("unit_scale", False))
+
+
+class LoggedProgress:
+    """What `progress` gives off a terminal: tqdm's update/set_postfix/close and iteration, shown as info
+    lines in tqdm's own format, one at each tenth of the total (and one at the end when the total is unknown)."""
+
+    def __init__(self, iterable, total, desc: str, unit: str, initial: int, disable: bool, unit_scale: bool = False):
+        self.iterable = iterable
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.desc, self.unit, self.unit_scale, self.disable = desc, unit, unit_scale, disable
+        self.n = self.initial = initial
+        self.postfix = ""
+        self.started = time.perf_counter()
+        self.shown = self._tenths()  # tenths already logged
+
+    def _tenths(self) -> int:
+        return int(PROGRESS_STEPS * self.n / self.total) if self.total else 0
+
+    def line(self) -> str:
+        counted = "{percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, " if self.total else "{n_fmt} [{elapsed}, "
+        return tqdm.format_meter(
+            self.n,
+            self.total,
+            time.perf_counter() - self.started,
+            prefix=self.desc,
+            unit=self.unit,
+            unit_scale=self.unit_scale,
+            postfix=self.postfix or None,
+            initial=self.initial,
+            bar_format="{desc}: " + counted + "{rate_fmt}{postfix}]",
+        )
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        tenths = self._tenths()
+        if tenths > self.shown and not self.disable:
+            self.shown = tenths
+            log.info(self.line())
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def close(self) -> None:
+        if not self.total and not self.disable:
+            log.info(self.line())
+        self.disable = True  # a second close says nothing
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _temp_beside(final: Path, made: list[Path]) -> Path:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import sys
 import time
 from bisect import bisect_right
 from collections import Counter
@@ -29,13 +29,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import requests
-from tqdm import tqdm
 
 from pipeline.common import (
     PipelineError,
     atomic_outputs,
     atomic_path,
     first_line,
+    progress,
     run_stage,
     stage_parser,
     write_parquet,
@@ -51,6 +51,8 @@ from pipeline.sources.catalogue import (
     raw_source,
 )
 from pipeline.sources.languages import NLLB_CODES
+
+log = logging.getLogger(__name__)
 
 DOWNLOADS_DIR = Path("data/downloads")
 
@@ -296,7 +298,7 @@ def download(url: str, dest: Path, want_sha256: str, tries: int = 3, backoff_s: 
                         raise PipelineError(f"{url}: HTTP {resp.status_code} {resp.reason}")
                     resp.raise_for_status()
                     total = int(resp.headers.get("content-length", 0)) or None
-                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None)
+                    bar = progress(total=total, unit="B", unit_scale=True, desc=dest.name)
                     with tmp.open("wb") as f, bar:
                         for chunk in resp.iter_content(chunk_size=1 << 16):
                             f.write(chunk)
@@ -467,10 +469,10 @@ def untracked_warning(spec: str) -> str | None:
     dvc.yaml lists as fetch's dependency), or a hub dataset, which can change upstream. None for data/own/."""
     path = Path(spec)
     if not path.exists():
-        return f"warning: data.train: the hub dataset {spec} is not pinned: DVC reruns fetch when data.train changes, not when the dataset does (`dvc repro -f fetch` reads it again)"
+        return f"data.train: the hub dataset {spec} is not pinned: DVC reruns fetch when data.train changes, not when the dataset does (`dvc repro -f fetch` reads it again)"
     if Path(OWN_DATA_DIR).resolve() in path.resolve().parents:
         return None
-    return f"warning: data.train: {spec} is outside {OWN_DATA_DIR}/, which fetch depends on: DVC will not rerun fetch when it changes (move it into {OWN_DATA_DIR}/)"
+    return f"data.train: {spec} is outside {OWN_DATA_DIR}/, which fetch depends on: DVC will not rerun fetch when it changes (move it into {OWN_DATA_DIR}/)"
 
 
 def sources_to_fetch(data: DataParams) -> list[str]:
@@ -511,13 +513,13 @@ def main() -> None:
         for name, (questions, candidates) in tables.items():
             write_parquet(questions, next(written), made_by=made_by[name])
             write_parquet(candidates, next(written), made_by=made_by[name])
-    print(count_table(tables))
+    log.info(count_table(tables))
     if OWN_SOURCE in tables:
         warning = untracked_warning(params.data.train)
         if warning:
-            print(warning, file=sys.stderr)
+            log.warning(warning)
         if params.data.license is None:
-            print(f"note: data.license is not set: the licence of {params.data.train} is not declared (the model card says so)")
+            log.info(f"note: data.license is not set: the licence of {params.data.train} is not declared (the model card says so)")
 
 
 if __name__ == "__main__":

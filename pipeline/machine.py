@@ -11,10 +11,12 @@ machine it came from.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
-import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def cpu_bf16_units() -> dict[str, bool]:
@@ -45,10 +47,8 @@ def resolve_precision(precision: str, device_type: str, name: str) -> str:
         return "fp32"
     native = native_bf16(device_type)
     if precision == "bf16" and not native:
-        print(
-            f"warning: {name}: bf16 on this {device_type} is emulated (no AVX-512 BF16 or AMX units), "
-            "about 3x slower than fp32; `auto` would choose fp32",
-            file=sys.stderr,
+        log.warning(
+            f"{name}: bf16 on this {device_type} is emulated (no AVX-512 BF16 or AMX units), about 3x slower than fp32; `auto` would choose fp32"
         )
         return "bf16"
     return "bf16" if native else "fp32"

@@ -41,6 +41,7 @@ that use the edited parameter), or lists the schema.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
@@ -63,6 +64,8 @@ from pipeline.contracts import (
 )
 from pipeline.sources.catalogue import LAREQA_SOURCES, OWN_FILE_LOADERS, SQUAD_SOURCES, is_own_data, known_sources, source_license
 from pipeline.sources.languages import NLLB_CODES
+
+log = logging.getLogger(__name__)
 
 # steps x batch_size rows: the plan is built in memory (numpy, then Arrow) and train
 # turns every row into its query and passage texts before the first step.
@@ -744,10 +747,10 @@ def main() -> None:
     execution()  # and the execution settings of this environment
     with atomic_path(args.out) as tmp:
         tmp.write_text(CHECKED_NOTE, encoding="utf-8")
-    print(f"{args.params}: {len(SCHEMA)} parameters OK")
+    log.info(f"{args.params}: {len(SCHEMA)} parameters OK")
     inert = inert_params(params)
     if inert:
-        print(f"{args.params}: no effect under the chosen options: {inert_note(inert)}")
+        log.info(f"{args.params}: no effect under the chosen options: {inert_note(inert)}")
 
 
 if __name__ == "__main__":

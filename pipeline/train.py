@@ -28,6 +28,7 @@ pipeline/scoring/tasks.py) every so many steps and after the last, logged as `de
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -38,9 +39,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
-from pipeline.common import PipelineError, atomic_outputs, read_parquet, run_stage, stage_parser, write_json
+from pipeline.common import PipelineError, atomic_outputs, progress, read_parquet, run_stage, stage_parser, write_json
 from pipeline.contracts import (
     BASE_MODEL_DIR,
     CANDIDATES_SCHEMA,
@@ -62,6 +62,8 @@ from pipeline.training.checkpoint import check_ranks_agree, load_checkpoint, run
 from pipeline.training.distributed import World, check_scale_out, init_world, launched_by_torchrun, relaunch_under_torchrun
 from pipeline.training.loss import contrastive_step
 from pipeline.training.planned import PlannedBatch, has_negatives, plan_texts, query_noise_draws
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PATH = Path("models/checkpoints/train.pt")
 DEV_PREFIX = "dev/"  # the dev figures' names in the history and the live log (the rest are logged as train/<name>)
@@ -168,13 +170,13 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
         check_ranks_agree(world, run.checkpoint, start, run.fingerprint)
     precision = resolve_precision(config.precision, model.device.type, "train.precision")
     bf16 = precision == "bf16"
-    log = run.log if world.lead else None
-    for row in history if log else []:
-        log(row["step"], {k: v for k, v in row.items() if k != "step"})
+    log_step = run.log if world.lead else None
+    for row in history if log_step else []:
+        log_step(row["step"], {k: v for k, v in row.items() if k != "step"})
     model.train()
     loss_value, pairs_done, seconds, figures = float("nan"), 0, 0.0, {}
-    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", disable=not world.lead or None)
-    for step in progress:
+    bar = progress(range(start, steps), total=steps, desc="train", unit="step", initial=start, disable=not world.lead)
+    for step in bar:
         began = time.perf_counter()
         batch = batches[step]
         loss, figures = contrastive_step(model, batch, config.temperature, world, config.chunk_size, bf16, adversary)
@@ -196,9 +198,9 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
             if config.keep_best and world.lead:
                 best = kept_best(best, step + 1, metrics[DEV_PREFIX + config.keep_best], model)
         history.append({"step": step + 1, **metrics})
-        progress.set_postfix(loss=f"{loss_value:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
-        if log is not None:
-            log(step + 1, metrics)
+        bar.set_postfix(loss=f"{loss_value:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+        if log_step is not None:
+            log_step(step + 1, metrics)
         if run.checkpoint and world.lead and ((step + 1) % run.checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(run.checkpoint, step + 1, model, optimizer, scheduler, run.fingerprint, history, adversary, best)
         if run.stop_after is not None and step + 1 - start >= run.stop_after:
@@ -209,6 +211,7 @@ def train(model, batches: list[PlannedBatch], config: TrainParams, seed: int, ru
         "resumed_from_step": start,
         "final_loss": round(loss_value, 6),
         "pairs_per_s": round(pairs_done / seconds, 3) if seconds else None,
+        "train_seconds": round(seconds, 1),  # of the steps this run took (from resumed_from_step on)
         "processes": world.size,
         "machine": machine_record(str(model.device), precision),
     }
@@ -295,13 +298,13 @@ def main() -> None:
         # moved into place with the model: an interrupted run leaves the previous curves as they were.
         with Live(dir=str(live_out), save_dvc_exp=False, dvcyaml=False, resume=False) as live:
 
-            def log(step: int, metrics: dict) -> None:
+            def log_step(step: int, metrics: dict) -> None:
                 live.step = step
                 for name, value in metrics.items():
                     live.log_metric(name if name.startswith(DEV_PREFIX) else f"train/{name}", value, plot=True)
                 live.next_step()
 
-            run.log = log
+            run.log = log_step
             summary = train(model, batches, params.train, params.seed, run)
         summary["noisy_queries"] = sum(draw is not None for draw in noise)
         model.save(str(model_out))
@@ -309,7 +312,7 @@ def main() -> None:
     CHECKPOINT_PATH.unlink(missing_ok=True)
     world.close()
     kept = params.train.keep_best
-    print(
+    log.info(
         f"wrote {args.out}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
         f"{summary['pairs_per_s']} pairs/s in {summary['processes']} process(es) on {describe(summary['machine'])}"
         + (f"; the weights of step {summary['kept_step']}, best by dev {kept} ({summary[f'kept_dev_{kept}']:.4f})" if kept else "")

@@ -22,9 +22,9 @@ source's layout, one language per translation) and `pairs.parquet`, one row per
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import sqlite3
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,13 +33,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from pipeline.common import (
     PipelineError,
     atomic_outputs,
     atomic_path,
     first_line,
+    progress,
     read_parquet,
     run_stage,
     stage_parser,
@@ -62,6 +62,8 @@ from pipeline.machine import machine_record
 from pipeline.params import TranslateParams, as_dict, load_params
 from pipeline.sources.catalogue import SQUAD_SOURCES, raw_source
 from pipeline.sources.languages import NLLB_CODES
+
+log = logging.getLogger(__name__)
 
 CACHE_PATH = Path("data/cache/translations.sqlite")
 CONVERTED_DIR = Path("models/nllb-ct2")
@@ -259,7 +261,7 @@ def cached_translate(
         todo = sorted((t for t, h in distinct.items() if h not in done), key=len, reverse=True)
         counts.cached += len(distinct) - len(todo)
         counts.empty_inputs += sum(1 for t in texts if not t)
-        bar = tqdm(total=len(todo), unit="sent", desc=f"translate {source}→{target}", disable=None)
+        bar = progress(total=len(todo), unit="sent", desc=f"translate {source}→{target}")
         start = time.perf_counter()
         with bar:
             for i in range(0, len(todo), CHUNK_SIZE):
@@ -289,7 +291,7 @@ def converted_model(model: str, compute_type: str) -> Path:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-        print(f"converting {model} to CTranslate2 ({compute_type}) in {target}", file=sys.stderr)
+        log.info(f"converting {model} to CTranslate2 ({compute_type}) in {target}")
         with atomic_path(target, is_dir=True) as tmp:
             converter = ctranslate2.converters.TransformersConverter(model, low_cpu_mem_usage=True)
             converter.convert(str(tmp), quantization=compute_type, force=True)
@@ -347,7 +349,7 @@ def machine_translate(
         (f"were cut to {options.max_input_tokens} tokens", engine.truncated),
     ):
         if n:
-            print(f"warning: {n} source texts {what}", file=sys.stderr)
+            log.warning(f"{n} source texts {what}")
     report = {
         "model": model,
         "device": device,
@@ -417,7 +419,7 @@ def main() -> None:
         write_parquet(pairs, pairs_out, made_by=made_by)
         write_json(report, metrics_out)
     how = "human translations, no MT" if model is None else f"MT by {model}"
-    print(
+    log.info(
         f"wrote {args.out}: {pairs.num_rows} pairs from {source} ({how}); {args.dev}: {report['dev.questions']} questions of "
         f"{report['dev.articles']} held-out articles (data.dev_share {params.data.dev_share})"
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from pipeline.common import setup_logging
 from tests.helpers import build_tiny_model
 
 
@@ -21,6 +22,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def stage_command_line(monkeypatch):
     """A stage's `main()` called in-process parses sys.argv: give it the bare command, not pytest's."""
     monkeypatch.setattr("sys.argv", ["stage"])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def stage_console():
+    """The console a stage sets up (info lines to stdout, warnings to stderr), for library code a test calls
+    directly, module fixtures included (tests/test_console.py sets it up again after changing it)."""
+    setup_logging(0)
 
 
 # Property tests draw the same examples on every run, so CI cannot fail one run in twenty;

@@ -123,7 +123,7 @@ def test_translate_trains_on_the_rest_and_evaluate_scores_the_dev_split(source, 
     monkeypatch.setattr(sys, "argv", ["evaluate", "--model", str(tiny_model_dir), "--dataset", "dev", "--out", "dev.json"])
     evaluate.main()
     scored = json.loads((tmp_path / "dev.json").read_text())
-    assert set(scored) == {"machine", "timing", "dev"} and 0 < scored["dev"]["mono_map"] <= 1
+    assert set(scored) == {"machine", "prefixes", "timing", "dev"} and 0 < scored["dev"]["mono_map"] <= 1
     assert "noise" not in scored["dev"]  # the dev split is for choices: headline figures only
     assert not (tmp_path / "metrics/eval_mteb").exists()
     monkeypatch.setattr(sys, "argv", ["evaluate", "--model", str(tiny_model_dir), "--dataset", "dev,xquad_r", "--out", "both.json"])

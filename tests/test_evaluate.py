@@ -14,16 +14,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import torch
 
 from pipeline import evaluate, fetch
 from pipeline.analysis import compare
 from pipeline.common import PipelineError, _restore_hint, read_parquet, refuse_declared_outputs, run_stage
 from pipeline.contracts import QUERIES_SCHEMA, QUESTIONS_SCHEMA
 from pipeline.scoring import lareqa, mteb_tasks
-from pipeline.scoring.encoding import encode_unique, load_model
+from pipeline.scoring.encoding import encode_unique, load_model, saved_prefixes
 from pipeline.scoring.lareqa import RetrievalTask, build_task, headline_figures, score_task, select_langs
 from pipeline.scoring.metrics import ranks_of
-from tests.helpers import REPO, mirror_file, write_raw
+from tests.helpers import REPO, mirror_file, write_params, write_raw
 
 # --- score_task / summarize on hand-made scores --------------------------------------
 #
@@ -350,29 +351,39 @@ def test_an_empty_language_code_is_named():
 # --- encode_unique ----------------------------------------------------------------------
 
 
-class RecordingModel:
-    """Stands in for a SentenceTransformer: records what it encodes; embeds a text by its length and first char."""
+class RecordingModel(torch.nn.Module):
+    """Stands in for a SentenceTransformer: records what it encodes, runs itself once per batch as
+    sentence-transformers does, and embeds a text by its length and first char."""
 
     def __init__(self):
+        super().__init__()
         self.calls: list[tuple[list[str], dict]] = []
 
     @staticmethod
     def embed(text: str) -> list[float]:
         return [len(text), ord(text[0]) if text else 0]
 
+    def forward(self, features: dict) -> dict:
+        return features
+
     def encode(self, texts, **kwargs):
         self.calls.append((list(texts), kwargs))
+        for start in range(0, len(texts), kwargs["batch_size"]):
+            self({"input_ids": texts[start : start + kwargs["batch_size"]]})
         return np.array([self.embed(t) for t in texts], dtype=np.float64)
 
 
-def test_encode_unique_encodes_each_distinct_text_once():
+def test_encode_unique_encodes_each_distinct_text_once(capsys):
     texts = ["query: a", "passage: b", "query: a", "passage: bb", "passage: b", "passage: b", "query: c"]
     model = RecordingModel()
-    embeddings, index = encode_unique(model, texts, batch_size=7)
+    embeddings, index = encode_unique(model, texts, batch_size=3)
     assert len(model.calls) == 1
     encoded, kwargs = model.calls[0]
     assert sorted(encoded) == sorted(set(texts))  # each once
-    assert kwargs["batch_size"] == 7 and kwargs["normalize_embeddings"] is True
+    assert kwargs["batch_size"] == 3 and kwargs["normalize_embeddings"] is True and kwargs["show_progress_bar"] is False
+    shown = capsys.readouterr()  # the project's own progress, counted by batch: 3 then 1 of 4 distinct texts
+    assert [line.split(" [")[0] for line in shown.out.splitlines()] == ["encoding:  75% 3/4", "encoding: 100% 4/4"]
+    assert "\r" not in shown.out + shown.err
     assert embeddings.dtype == np.float32 and embeddings.shape == (4, 2)
     np.testing.assert_array_equal(embeddings[index], [RecordingModel.embed(t) for t in texts])
 
@@ -427,7 +438,10 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     out = _cli(workdir, "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,de", "--out", "m.json", "--plots", "plots")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((workdir / "m.json").read_text(encoding="utf-8"))
-    assert list(report) == ["machine", "timing", "xquad_r"] and report["machine"]["precision"] in ("bf16", "fp32")
+    assert list(report) == ["machine", "prefixes", "timing", "xquad_r"] and report["machine"]["precision"] in ("bf16", "fp32")
+    assert report["prefixes"] == {"query": "", "passage": ""}  # by hand: the model's own prompts, and the tiny model has none
+    assert "prefixes: query '' (the model was saved with none), passage '' (the model was saved with none)" in out.stdout
+    assert "\r" not in out.stdout + out.stderr and "encoding: 100% " in out.stdout  # progress lines, not a bar's frames
     assert report["timing"]["xquad_r"]["texts_per_s"] > 0
     summary = report["xquad_r"]
     n_questions = len(pd.read_parquet(workdir / "data/raw/xquad_r/questions.parquet").query("lang == 'en'"))
@@ -466,7 +480,6 @@ def test_cli_end_to_end(workdir, tiny_model_dir):
     assert classes["resource_class"].tolist() == ["class 5"] and classes["languages"].tolist() == [2]
     assert classes["multi_map"].iloc[0] == pytest.approx(summary["resource_class"]["5"]["multi_map"], abs=1e-6)
     assert "class 5 (2 languages" in out.stdout
-    assert (workdir / "plots" / "heatmaps" / "xquad_r.png").stat().st_size > 0
 
     # the noise report (params.yaml's default noises; fewer than noise_queries questions: all of them)
     noise = summary["noise"]
@@ -522,6 +535,58 @@ def test_cli_unknown_language(workdir, tiny_model_dir, monkeypatch, capfd):
         workdir, monkeypatch, capfd, "--model", str(tiny_model_dir), "--dataset", "xquad_r", "--langs", "en,xx", "--out", "bad.json"
     )
     _assert_error(code, err, "unknown language code(s) 'xx' (available: de, en, es)", workdir / "bad.json")
+
+
+def _with_prompts(tiny_model_dir: Path, dest: Path, prompts: dict[str, str]) -> Path:
+    """The tiny model saved with these prompts (config_sentence_transformers.json), as e5 models on the hub are."""
+    shutil.copytree(tiny_model_dir, dest)
+    config = json.loads((dest / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+    (dest / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": prompts}), encoding="utf-8")
+    return dest
+
+
+def test_saved_prefixes_are_the_prompts_encode_query_and_encode_document_use(tiny_model_dir, tmp_path):
+    model = _with_prompts(tiny_model_dir, tmp_path / "e5", {"query": "query: ", "passage": "passage: ", "document": ""})
+    assert saved_prefixes(str(model)) == {"query": ("query: ", "query"), "passage": ("passage: ", "passage")}
+    assert saved_prefixes(str(tiny_model_dir)) == {"query": ("", "query"), "passage": ("", "document")}  # none saved
+    assert saved_prefixes(str(tmp_path / "nowhere"))["query"] == ("", "query")  # loading it says why it is not there
+
+
+@pytest.mark.parametrize(
+    ("source", "flags", "expected"),
+    [
+        ("model", (None, None), {"query": ("q: ", "the model's saved prompt 'query'"), "passage": ("", "the model was saved with none")}),
+        ("params", (None, None), {"query": ("query: ", "params.yaml model.query_prefix"), "passage": ("passage: ", "params.yaml model.passage_prefix")}),
+        ("model", (None, "doc: "), {"query": ("q: ", "the model's saved prompt 'query'"), "passage": ("doc: ", "--passage-prefix")}),
+        ("params", ("", None), {"query": ("", "--query-prefix"), "passage": ("passage: ", "params.yaml model.passage_prefix")}),
+    ],
+)  # fmt: skip
+def test_prefixes_are_the_models_own_unless_the_stage_or_a_flag_says_otherwise(source, flags, expected):
+    saved = {"query": ("q: ", "query"), "passage": ("", "document")}
+    assert evaluate.choose_prefixes(source, ("query: ", "passage: "), saved, *flags) == expected
+
+
+def test_a_model_scored_by_hand_gets_its_own_prompts_and_the_output_says_so(workdir, tiny_model_dir, tmp_path, monkeypatch, capfd):
+    model = _with_prompts(tiny_model_dir, tmp_path / "prompted", {"query": "q: ", "document": "d: "})
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--model", str(model), "--langs", "en", "--out", str(tmp_path / "e.json")])
+    run_stage(evaluate.main)
+    printed = capfd.readouterr().out
+    assert "prefixes: query 'q: ' (the model's saved prompt 'query'), passage 'd: ' (the model's saved prompt 'document')" in printed
+    assert json.loads((tmp_path / "e.json").read_text())["prefixes"] == {"query": "q: ", "passage": "d: "}
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ("xquad_r", "data/raw/xquad_r: not made yet; run `dvc repro fetch` first"),
+        ("mlqa_r", "data/raw/mlqa_r: not made yet; add it to data.eval in params.yaml, then run `dvc repro fetch`"),
+    ],
+)
+def test_a_dataset_not_fetched_says_to_run_fetch_first(tmp_path, monkeypatch, capfd, dataset, message):
+    write_params(tmp_path, **{"data.train": "xquad_r"})  # data.eval is [xquad_r]: mlqa_r is not fetched at all
+    code, err = _run_in_process(tmp_path, monkeypatch, capfd, "--model", "unused", "--dataset", dataset, "--out", "bad.json")
+    _assert_error(code, err, message, tmp_path / "bad.json")
 
 
 @pytest.fixture

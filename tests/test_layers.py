@@ -1,5 +1,5 @@
 """pipeline/ is layered (docs/design.md, "Where things are"): each module imports only from lower layers
-or from its own subpackage, so there is no import cycle, and the six stages stand at the top where a
+or from its own subpackage, so there is no import cycle, and the stages stand at the top where a
 newcomer finds them by name."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import REPO
 
 PACKAGE = REPO / "pipeline"
-STAGES = ("fetch", "base_model", "translate", "batches", "train", "evaluate")
+STAGES = ("fetch", "base_model", "translate", "batches", "train", "evaluate", "card")
 
 # Lowest first. A module's layer is its own entry, else its subpackage's.
 LAYERS = [

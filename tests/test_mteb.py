@@ -179,7 +179,8 @@ def params_with(**evaluate_params) -> dict:
 def plan_of(params: dict, model_dir: str, results_root: str):
     """plan_mteb as the evaluate stage calls it, from a params mapping."""
     checked = build(params)
-    return plan_mteb(checked.evaluate, checked.model, model_dir, results_root, batch_size=16)
+    prefixes = (checked.model.query_prefix, checked.model.passage_prefix)
+    return plan_mteb(checked.evaluate, prefixes, checked.model.max_length, model_dir, results_root, batch_size=16)
 
 
 def plan_locally(monkeypatch, model_dir, results_root, tasks=(), benchmarks=()):
@@ -334,8 +335,8 @@ def test_a_corrupt_saved_result_is_evaluated_again(first_run, lareqa_task, trans
     evaluated = counting_evaluations(monkeypatch)
     report = run_mteb(model, plan_locally(monkeypatch, tiny_model_dir, saved, tasks=local_tasks(lareqa_task, translations)))
     assert evaluated == ["LocalXQuADRBitext"] and report == first_run.report
-    line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"{cut}: unreadable (") and line.endswith("); evaluating LocalXQuADRBitext again")
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line.startswith(f"warning: {cut}: unreadable (") and line.endswith("); evaluating LocalXQuADRBitext again")
     assert json.loads(cut.read_text(encoding="utf-8"))["task_name"] == "LocalXQuADRBitext"  # whole again
 
 
@@ -368,11 +369,13 @@ def test_the_stage_writes_mteb_scores_into_its_metrics_file(
 
     monkeypatch.setattr(mteb_tasks, "resolve_tasks", resolve_locally)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["evaluate", "--model", str(tiny_model_dir), "--out", "m.json", "--mteb-results", str(saved)])
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--prefixes", "params", "--out", "m.json", "--mteb-results", str(saved)]
+    monkeypatch.setattr("sys.argv", argv)  # as dvc.yaml's stage runs it
     evaluate.main()
     assert asked == [(["LocalXQuADRMultilingual"], ["deu"])]
     report = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
-    assert set(report) == {"machine", "timing", "xquad_r", "mteb"} and "noise" not in report["xquad_r"]
+    assert set(report) == {"machine", "prefixes", "timing", "xquad_r", "mteb"} and "noise" not in report["xquad_r"]
+    assert report["prefixes"] == dict(zip(("query", "passage"), PREFIXES))
     own = own_ndcg_at_10(model, lareqa_task, PREFIXES)
     scores = report["mteb"]["LocalXQuADRMultilingual"]  # dvc: mteb.LocalXQuADRMultilingual.de.test.ndcg_at_10
     assert {lang: scores[lang]["test"]["ndcg_at_10"] for lang in LANGS} == pytest.approx(own, abs=1e-4)

@@ -8,6 +8,7 @@ import unicodedata
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,10 +177,11 @@ def test_subset_queries_keeps_the_pool():
 # --- the report: only perturbed queries are encoded again ---------------------------------
 
 
-class CharModel:
-    """Stands in for a SentenceTransformer: a normalized bag of characters; records every call."""
+class CharModel(torch.nn.Module):
+    """Stands in for a SentenceTransformer (a torch module): a normalized bag of characters; records every call."""
 
     def __init__(self):
+        super().__init__()
         self.encoded: list[str] = []
 
     def encode(self, texts, **kwargs):

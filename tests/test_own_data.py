@@ -205,8 +205,8 @@ def test_the_licence_is_the_declared_one_else_the_known_source_own():
     def data(train: str, license: str | None) -> DataParams:
         return DataParams(train=train, license=license, eval=(), squad="", squad_split="", dev_share=0.1, allow_eval_overlap=False)
 
-    assert data_license(data("mlqa_r", None)) == "CC BY-NC 4.0"
-    assert data_license(data("xquad_r", None)) == "CC BY-SA 4.0"
+    assert data_license(data("mlqa_r", None)) == "cc-by-nc-4.0"  # the Hugging Face hub's licence ids
+    assert data_license(data("xquad_r", None)) == "cc-by-sa-4.0"
     assert data_license(data("data/own/faq.jsonl", None)) is None  # not declared
     assert data_license(data("data/own/faq.jsonl", "proprietary")) == "proprietary"
 

@@ -163,7 +163,7 @@ def test_a_corrupt_checkpoint_is_ignored_with_one_line(tmp_path, tiny_model_dir,
     result = subprocess.run(TRAIN, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "checkpoint" in line]
-    assert line.startswith(f"{train.CHECKPOINT_PATH}: unusable checkpoint (PytorchStreamReader failed reading zip archive")
+    assert line.startswith(f"warning: {train.CHECKPOINT_PATH}: unusable checkpoint (PytorchStreamReader failed reading zip archive")
     assert line.endswith("); ignored, training from step 0")
     assert json.loads((cwd / "metrics/train.json").read_text())["resumed_from_step"] == 0
     _same_weights(uninterrupted, cwd)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.common import PipelineError, first_line
+from pipeline.common import PipelineError, first_line, progress
 
 
 def autocast(device_type: str, bf16: bool):
@@ -43,6 +43,27 @@ def _safetensors_complete(path: Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return 8 + header_len + end <= path.stat().st_size
+
+
+PASSAGE_PROMPT_NAMES = ("document", "passage", "corpus")  # what SentenceTransformer.encode_document looks for, in its order
+
+
+def saved_prefixes(name: str) -> dict[str, tuple[str, str]]:
+    """The query and passage prompts a sentence-transformers model was saved with, as `encode_query` and
+    `encode_document` would apply them: {"query": (text, prompt name)}, "" where it has none. Read from its
+    config_sentence_transformers.json before the model loads (a path that does not exist has none: loading
+    it says why)."""
+    from sentence_transformers.util import load_file_path
+
+    prompts = {}
+    if Path(name).exists() or not _looks_local(name):  # a missing folder is not asked of the hub
+        try:
+            path = load_file_path(name, "config_sentence_transformers.json")
+            prompts = (json.loads(Path(path).read_text(encoding="utf-8")).get("prompts") or {}) if path else {}
+        except Exception as err:  # the hub unreachable, a broken file: each library fails its own way
+            raise PipelineError(f"{name}: cannot read the prompts it was saved with ({first_line(err)})") from None
+    passage = next((prompt for prompt in PASSAGE_PROMPT_NAMES if prompts.get(prompt)), "document")
+    return {"query": (prompts.get("query") or "", "query"), "passage": (prompts.get(passage) or "", passage)}
 
 
 def check_model_dir(name: str, hint: str = "") -> Path | None:
@@ -136,20 +157,36 @@ def load_model(name: str, max_length: int, device: str | None = None):
     return model
 
 
-def encode_unique(model, texts: list[str], batch_size: int, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+@contextlib.contextmanager
+def counting_texts(model, bar):
+    """Advance `bar` by each batch the model's encoder runs: the project's own progress (common.progress) in
+    place of sentence-transformers' bar, which draws a carriage-return frame per batch even into a log."""
+
+    def count(module, args, output) -> None:
+        bar.update(len(args[0]["input_ids"]))
+
+    hook = model.register_forward_hook(count)
+    try:
+        with bar:
+            yield
+    finally:
+        hook.remove()
+
+
+def encode_unique(model, texts: list[str], batch_size: int, bf16: bool = False, desc: str = "encoding") -> tuple[np.ndarray, np.ndarray]:
     """Encode each distinct text once (one call; sentence-transformers sorts it by length).
 
     Returns (float32 embeddings of the distinct texts, index of each input text into them).
     """
     index, unique = pd.factorize(pd.Series(texts, dtype=object))
-    with autocast(model.device.type if bf16 else "cpu", bf16):
+    with autocast(model.device.type if bf16 else "cpu", bf16), counting_texts(model, progress(total=len(unique), desc=desc, unit="text")):
         embeddings = model.encode(
             list(unique),
             batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=not bf16,
             convert_to_tensor=bf16,
-            show_progress_bar=True,
+            show_progress_bar=False,
         )
     if bf16:  # re-normalized in fp32: in bf16 the unit length holds to about 3 digits only
         embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy()

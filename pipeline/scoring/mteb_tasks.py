@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import re
 import time
 from collections import defaultdict
@@ -24,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.common import PipelineError, atomic_path, first_line
-from pipeline.params import EvaluateParams, ModelParams
+from pipeline.params import EvaluateParams
 from pipeline.sources.resource_classes import has_class, mean_by_class
+
+log = logging.getLogger(__name__)
 
 RETRIEVAL_TYPES = ("Retrieval", "Reranking")
 RETRIEVAL_SCORES = ("ndcg_at_10", "recall_at_100")  # the main score of MTEB retrieval, and how much a reranker could recover
@@ -50,8 +53,11 @@ class MtebPlan:
     batch_size: int
 
 
-def plan_mteb(evaluate: EvaluateParams, model: ModelParams, model_dir: str, results_root: str, batch_size: int) -> MtebPlan | None:
-    """The MTEB tasks and benchmarks params.yaml asks for (None if none), checked before any model is loaded."""
+def plan_mteb(
+    evaluate: EvaluateParams, prefixes: tuple[str, str], max_length: int, model_dir: str, results_root: str, batch_size: int
+) -> MtebPlan | None:
+    """The MTEB tasks and benchmarks params.yaml asks for (None if none), checked before any model is loaded;
+    `prefixes` are the (query, passage) prefixes the evaluation encodes with."""
     try:  # a DVC out: there after every run, MTEB or not
         Path(results_root).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -64,8 +70,7 @@ def plan_mteb(evaluate: EvaluateParams, model: ModelParams, model_dir: str, resu
     check_langs(langs)
     benchmarks = resolve_benchmarks(benchmark_names, langs)
     tasks = merge_tasks(resolve_tasks(task_names, langs) + [task for benchmark in benchmarks for task in benchmark.tasks])
-    prefixes = (model.query_prefix, model.passage_prefix)
-    results_dir = Path(results_root) / encoding_key(model_dir, prefixes, model.max_length)
+    results_dir = Path(results_root) / encoding_key(model_dir, prefixes, max_length)
     finished = {task.metadata.name: result for task in tasks if (result := load_result(results_dir, task))}
     waiting = [task for task in tasks if task.metadata.name not in finished and not task.is_aggregate]
     if waiting:  # the hub is reachable (or the data cached) before hours of work
@@ -189,7 +194,7 @@ def load_result(results_dir: Path, task):
     try:
         result = TaskResult.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
-        print(f"{path}: unreadable ({first_line(err)}); evaluating {task.metadata.name} again")
+        log.warning(f"{path}: unreadable ({first_line(err)}); evaluating {task.metadata.name} again")
         return None
     done = {(split, scores["hf_subset"]) for split, entries in result.scores.items() for scores in entries}
     wanted = {(split, subset) for split in task.eval_splits for subset in task.hf_subsets}
@@ -232,10 +237,7 @@ def evaluate_tasks(model, plan: MtebPlan) -> dict:
             save_result(plan.results_dir, results[name])
         how = "saved before" if name in plan.finished else "evaluated"
         minutes = (time.perf_counter() - started) / 60
-        print(
-            f"MTEB {done}/{len(plan.tasks)} {name}: main score {results[name].get_score():.4f} ({how}); {minutes:.1f} min so far",
-            flush=True,
-        )
+        log.info(f"MTEB {done}/{len(plan.tasks)} {name}: main score {results[name].get_score():.4f} ({how}); {minutes:.1f} min so far")
     return results
 
 

@@ -4,42 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline.scoring.lareqa import SETTINGS, TaskScores
 
 
 def write_plots(results: dict[str, TaskScores], noise_reports: dict[str, dict], plots_dir: Path) -> None:
-    """Per-pair mAP (data + heatmap per dataset), the per-language and per-resource-class
-    tables and, with noise, mAP of each setting clean and under each noise (noise.csv), for
-    `dvc plots`, into `plots_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The tables `dvc plots` draws (dvc.yaml's `plots:`), into `plots_dir`: per-pair mAP (pairs.csv, the X→Y
+    heatmaps), the per-language and per-resource-class tables and, with noise, mAP of each setting clean and
+    under each noise (noise.csv)."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     pairs, languages, classes = [], [], []
-    (plots_dir / "heatmaps").mkdir()
     for name, scores in results.items():
         long = scores.pair_map.rename_axis(index="query_lang", columns="passage_lang").stack()
         pairs.append(long.rename("map").reset_index().assign(dataset=name))
         languages.append(scores.languages.rename_axis("lang").reset_index().assign(dataset=name))
         classes.append(scores.resource_classes.reset_index().assign(dataset=name))
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(scores.pair_map), 0.8 + 0.55 * len(scores.pair_map)))
-        image = ax.imshow(scores.pair_map.to_numpy(), vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(scores.pair_map)), scores.pair_map.columns)
-        ax.set_yticks(range(len(scores.pair_map)), scores.pair_map.index)
-        ax.set_xlabel("passage language")
-        ax.set_ylabel("query language")
-        ax.set_title(f"{name}: mAP of X queries against Y passages")
-        for (i, j), value in np.ndenumerate(scores.pair_map.to_numpy()):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(plots_dir / "heatmaps" / f"{name}.png", dpi=110)
-        plt.close(fig)
     columns = ["dataset", "query_lang", "passage_lang", "map"]
     pd.concat(pairs)[columns].round(6).to_csv(plots_dir / "pairs.csv", index=False)
     lang_columns = ["dataset", "lang", "multi_map", "multi_recall_at_10", "multi_ndcg_at_10", "rank_distance", "language_preference"]

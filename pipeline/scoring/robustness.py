@@ -7,12 +7,16 @@ changed are re-encoded, never the pool.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from pipeline.scoring.encoding import encode_unique
 from pipeline.scoring.lareqa import SETTINGS, RetrievalTask, sample_queries, score_task, settings_of, subset_queries
 from pipeline.scoring.noise import Noise, perturb
+
+log = logging.getLogger(__name__)
 
 
 def noise_robustness(
@@ -44,8 +48,10 @@ def noise_robustness(
         changed = np.array([a != b for a, b in zip(noisy_text, sample.query_text)], dtype=bool)
         noisy_queries = clean_queries.copy()
         if changed.any():
-            print(f"  {noise.name}: encoding the {changed.sum()} changed of {len(rows)} queries")
-            embedded, index = encode_unique(model, [query_prefix + text for text, c in zip(noisy_text, changed) if c], batch_size, bf16)
+            log.info(f"  {noise.name}: encoding the {changed.sum()} changed of {len(rows)} queries")
+            embedded, index = encode_unique(
+                model, [query_prefix + text for text, c in zip(noisy_text, changed) if c], batch_size, bf16, f"encoding {noise.name}"
+            )
             noisy_queries[changed] = embedded[index]
         noisy = settings_of(score_task(sample, noisy_queries, pool))
         unchanged = pd.Series(langs[~changed]).value_counts().reindex(task.langs, fill_value=0)

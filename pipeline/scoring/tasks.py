@@ -36,7 +36,8 @@ def read_source_tables(name: str, data: DataParams, raw_dir: Path = RAW_DIR) -> 
         where = "run `dvc repro translate`"
     elif name in LAREQA_SOURCES:
         (questions_path, candidates_path), made_by = raw_tables(name, raw_dir), raw_stamp(name)
-        where = "add it to data.eval and run `dvc repro fetch`"
+        known = name == data.train or name in data.eval
+        where = "run `dvc repro fetch` first" if known else "add it to data.eval in params.yaml, then run `dvc repro fetch`"
     else:
         raise PipelineError(f"unknown evaluation dataset '{name}' (known: {', '.join([*sorted(LAREQA_SOURCES), DEV_DATASET])})")
     if not questions_path.exists():

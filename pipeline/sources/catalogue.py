@@ -2,7 +2,9 @@
 and how `data.train` names data of the user's own instead (docs/own-data.md).
 
 `fetch` downloads (or reads from the mirror) and validates them into the tables of
-`pipeline/contracts.py`; `evaluate` and the params schema check dataset names here.
+`pipeline/contracts.py`; `evaluate` and the params schema check dataset names here; the
+model card (`pipeline/card.py`) names the training source and its licence, which a model
+trained on it inherits.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ class LareqaSource:
     """A LAReQA-format dataset: one SQuAD-style JSON file per language, pinned by sha256."""
 
     name: str
+    title: str  # as its paper writes it
+    license: str  # the Hugging Face hub's licence id; a model trained on it inherits it (the model card says so)
     url_template: str  # formatted with lang=...
     mirror_dir: str  # relative path under the mirror root
-    license: str  # a model trained on it inherits it (the model card says so)
     sha256: dict[str, str]
 
     @property
@@ -29,11 +32,12 @@ class LareqaSource:
 
 XQUAD_R = LareqaSource(
     name="xquad_r",
+    title="XQuAD-R",
+    license="cc-by-sa-4.0",
     url_template=(
         "https://raw.githubusercontent.com/google-research-datasets/lareqa/9bc8c7fb6dd8d01d72a05a93c2cb96882b0d299c/xquad-r/{lang}.json"
     ),
     mirror_dir="lareqa/xquad-r",
-    license="CC BY-SA 4.0",
     sha256={
         "ar": "c52922d3b8ac1ae03ed5ac38647ad59870dca3dda2beefe18ecdc30729acb69d",
         "de": "16fb0f4bf4916154b585a20c24c66074591c9718a1affe764ff4697572328949",
@@ -51,11 +55,12 @@ XQUAD_R = LareqaSource(
 
 MLQA_R = LareqaSource(
     name="mlqa_r",
+    title="MLQA-R",
+    license="cc-by-nc-4.0",  # non-commercial: so is a model trained on it
     url_template=(
         "https://raw.githubusercontent.com/google-research-datasets/lareqa/354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r/{lang}.json"
     ),
     mirror_dir="lareqa/mlqa-r",
-    license="CC BY-NC 4.0",
     sha256={
         "ar": "2132fbc03208535c0fe01f2e2c5121d06f9c2aa799af93b0a719dbc105bdf137",
         "de": "ce9454dc5aa6f2d85c23cd6e49cb367fbb7c4c6e62d7f71e355c6b5dae4d0886",
@@ -70,7 +75,7 @@ MLQA_R = LareqaSource(
 LAREQA_SOURCES = {s.name: s for s in (XQUAD_R, MLQA_R)}
 # English SQuAD-format sources (translated by the `translate` stage); read with `datasets`.
 SQUAD_SOURCES = {"squad"}
-SQUAD_LICENSE = "CC BY-SA 4.0"  # SQuAD v1.1's
+SQUAD_LICENSE = "cc-by-sa-4.0"  # SQuAD v1.1 (rajpurkar/squad, data.squad's default)
 
 # Data of the user's own: `data.train` names a local file by its suffix, a `save_to_disk` folder or a
 # hub dataset id (docs/own-data.md); `fetch` writes its tables as the source contracts.OWN_SOURCE.

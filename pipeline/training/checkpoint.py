@@ -11,13 +11,15 @@ resume at step k and the others at 0, and their collectives would still pair up.
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 from pathlib import Path
 
 import torch
 
 from pipeline.common import PipelineError, atomic_outputs, first_line
 from pipeline.training.distributed import World
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> list:
@@ -67,10 +69,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: str, a
         state = torch.load(path, map_location=model.device, weights_only=True)
         step, history, best = int(state["step"]), list(state["history"]), state["best"]
     except Exception as err:  # truncated zip, bad pickle, missing key: all mean "unusable"
-        print(f"{path}: unusable checkpoint ({first_line(err)}); ignored, training from step 0", file=sys.stderr)
+        log.warning(f"{path}: unusable checkpoint ({first_line(err)}); ignored, training from step 0")
         return 0, [], None
     if state.get("fingerprint") != fingerprint:
-        print(f"{path}: checkpoint is from other inputs or params; starting from step 0")
+        log.info(f"{path}: checkpoint is from other inputs or params; starting from step 0")
         return 0, [], None
     model.load_state_dict(state["model"])
     if adversary is not None:

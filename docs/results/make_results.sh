@@ -25,6 +25,10 @@ python -m pipeline.analysis.grid --num -1 --match 'mx-*' --group seed --dataset 
 python -m pipeline.analysis.grid --num -1 --match 'xm-*' --group seed --dataset mlqa_r --out "$out/summary_xquad_to_mlqa" > /dev/null
 drops=$(for n in typo_0.05 typo_0.15 no_diacritics lowercase; do echo -n "noise.$n.multi_drop,"; done)
 python -m pipeline.analysis.grid --num -1 --match 'mx-*' --group seed --dataset xquad_r --figures "noise.clean.multi_map,${drops%,}" --out "$out/robustness_mlqa_to_xquad" > /dev/null
+# Issue #28: the earlier reports re-tested at seed level from their committed per-arm means and sds
+python -m pipeline.analysis.reassess "$out"/strategies_mlqa_to_xquad.csv "$out"/strategies_xquad_to_mlqa.csv \
+    "$out"/strategies_t01_mlqa_to_xquad.csv "$out"/compare_mlqa_to_xquad.csv "$out"/compare_xquad_to_mlqa.csv \
+    "$out"/default_temperature.csv "$out"/default_temperature_xquad_to_mlqa.csv --out "$out/reassessed" > /dev/null
 # docs/results/appendix.md: appendix.template.md with each {{name}} replaced by docs/results/<name>.md
 python - "$docs" <<'PY'
 import re, sys

@@ -68,14 +68,14 @@ def test_grid_rows_equal_what_the_stages_measure_and_a_rerun_skips_finished_conf
     default_temperature = yaml.safe_load((project / "params.yaml").read_text())["train"]["temperature"]
     assert table[1]["train.temperature"] == "0.5" and float(table[0]["train.temperature"]) == default_temperature
     # The same config through the stages, as `dvc repro batches train evaluate@retriever` runs them.
-    for stage, args in (("batches", []), ("train", []), ("evaluate", ["--out", "metrics/eval.json"])):
+    for stage, args in (("batches", []), ("train", []), ("evaluate", ["--out", "metrics/eval.json", "--prefixes", "params"])):
         done = subprocess.run([sys.executable, "-m", "pipeline." + stage, *args], cwd=project, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     stage = json.loads((project / "metrics/eval.json").read_text())["xquad_r"]
     for figure in ("mono_map", "cross_map", "multi_map", "rank_distance"):
         assert float(table[0][f"xquad_r.{figure}"]) == pytest.approx(stage[figure], abs=1e-6), figure
     dev = subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate", "--dataset", "dev", "--out", "metrics/dev.json"],
+        [sys.executable, "-m", "pipeline.evaluate", "--dataset", "dev", "--out", "metrics/dev.json", "--prefixes", "params"],
         cwd=project,
         capture_output=True,
         text=True,

@@ -379,8 +379,10 @@ def main() -> None:
     for label, members in groups:
         if len(members) > 1:
             notes.append(f"{label} pools {', '.join(m.partition('=')[2] or m for m in members)}")
-    revs = {entry: rev for entry, (_, rev, _) in zip(args.entries, parsed)}
-    runs = pd.DataFrame([run_rows(e.label, m, revs[m], headline(t)) for e in entries for m, t in zip(e.members, e.tables)])
+    source = {entry: (rev, folder == args.queries_dir) for entry, (_, rev, folder) in zip(args.entries, parsed)}  # own metrics?
+    runs = pd.DataFrame(
+        [run_rows(e.label, m, source[m][0], headline(t), own_params=source[m][1]) for e in entries for m, t in zip(e.members, e.tables)]
+    )
     tests = len(result)
     header = (
         f"{args.dataset}: difference B − A with seed and question variance (runs of an arm are its seeds; questions "

@@ -181,7 +181,10 @@ def params_at(rev: str) -> dict:
         raise PipelineError(f"{rev}: cannot read its params ({first_line(err)})") from None
 
 
-def run_rows(label: str, run: str, rev: str, figures: dict) -> dict:
+def run_rows(label: str, run: str, rev: str, figures: dict, own_params: bool = True) -> dict:
     """One row of a report's per-run table (`<out>_runs.csv`): which run, from which commit, with
-    which seed, and its own figures, so every mean ± sd of the report can be recomputed from it."""
-    return {"label": label, "run": run, "commit": commit_of(rev), "seed": params_at(rev).get("seed"), **figures}
+    which seed, and its own figures, so every mean ± sd of the report can be recomputed from it.
+    `own_params` False: the run's files are not the revision's own metrics (a `:DIR` entry, e.g. a
+    grid's per-query folder), so the revision's params say nothing of it and the seed is left empty."""
+    seed = params_at(rev).get("seed") if own_params else None
+    return {"label": label, "run": run, "commit": commit_of(rev), "seed": seed, **figures}

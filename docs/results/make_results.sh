@@ -29,6 +29,11 @@ python -m pipeline.analysis.grid --num -1 --match 'mx-*' --group seed --dataset 
 python -m pipeline.analysis.reassess "$out"/strategies_mlqa_to_xquad.csv "$out"/strategies_xquad_to_mlqa.csv \
     "$out"/strategies_t01_mlqa_to_xquad.csv "$out"/compare_mlqa_to_xquad.csv "$out"/compare_xquad_to_mlqa.csv \
     "$out"/default_temperature.csv "$out"/default_temperature_xquad_to_mlqa.csv --out "$out/reassessed" > /dev/null
+# The default against the zero-shot base (README's table): the workspace's run (seed 42) and `dvc exp run -n default-sNN -S seed=NN`
+if has default-s43 && has default-s44; then
+  python -m pipeline.analysis.compare base=workspace:metrics/eval_base_queries default=workspace default=default-s43 default=default-s44 \
+      --against base --dataset xquad_r --out "$out/default_vs_base" > /dev/null
+fi
 # docs/results/appendix.md: appendix.template.md with each {{name}} replaced by docs/results/<name>.md
 python - "$docs" <<'PY'
 import re, sys

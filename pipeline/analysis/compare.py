@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import textwrap
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -331,7 +332,8 @@ def plot_forest(result: pd.DataFrame, path: Path, title: str):
         ax.set_xlabel("B − A (red: significant after the family's adjustment)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_ylim(-0.6, len(pairs) - 0.4)
-    fig.suptitle(title, fontsize=9)
+    width = fig.get_figwidth()
+    fig.suptitle(textwrap.fill(title, width=int(width * 14)), fontsize=9)  # about 14 characters an inch at 9 pt
     fig.tight_layout()
     write_figure(fig, path)
     return fig

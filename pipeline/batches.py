@@ -53,6 +53,7 @@ from pipeline.contracts import (
     pairs_stamp,
 )
 from pipeline.params import Params, inert_note, inert_params, load_params, mined_made_by, plan_made_by
+from pipeline.training.negatives import answer_positions
 
 log = logging.getLogger(__name__)
 
@@ -297,17 +298,7 @@ def plan_negatives(
     length = in_paragraph["candidate"].transform("size").to_numpy()
     text = pd.factorize(cand["sentence"])[0]  # one id per distinct text: an equal text embeds equally
     position = pd.Series(cand.index, index=pd.MultiIndex.from_frame(cand[["lang", "candidate"]]))
-    q = questions.select(["group_id", "lang", "answer_candidate"]).to_pandas()
-    answer_at = position.reindex(pd.MultiIndex.from_arrays([q["lang"], q["answer_candidate"]]))
-    if answer_at.isna().any():
-        lang, candidate = answer_at.index[answer_at.isna()][0]
-        raise PipelineError(
-            f"{PARALLEL_QUESTIONS_PATH}: a '{lang}' question's answer_candidate {candidate} is not in {PARALLEL_CANDIDATES_PATH}"
-        )
-    answer = pd.Series(answer_at.to_numpy(dtype=np.int64), index=pd.MultiIndex.from_frame(q[["group_id", "lang"]]))
-    if answer.index.has_duplicates:
-        group, lang = answer.index[answer.index.duplicated()][0]
-        raise PipelineError(f"{PARALLEL_QUESTIONS_PATH}: group '{group}' has more than one '{lang}' question")
+    answer = answer_positions(questions.select(["group_id", "lang", "answer_candidate"]).to_pandas(), cand)
 
     def answers(langs: str) -> np.ndarray:
         """The position in `cand` of each row's answer sentence in the language of column `langs`."""

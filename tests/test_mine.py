@@ -15,8 +15,9 @@ from pipeline import batches, mine
 from pipeline.batches import plan_batches, plan_negatives
 from pipeline.common import PipelineError, write_parquet
 from pipeline.contracts import CANDIDATES_SCHEMA, MINED_SCHEMA, PLAN_SCHEMA, QUESTIONS_SCHEMA, pairs_stamp
-from pipeline.mine import mine_negatives
 from pipeline.params import load_params, mined_made_by
+from pipeline.training import negatives
+from pipeline.training.negatives import mine_negatives
 from tests.helpers import write_params
 
 LANGS = ("de", "en")
@@ -98,7 +99,7 @@ def keys(mined: pa.Table) -> list[tuple]:
 @pytest.mark.parametrize("top_k, margin", [(1, 0.0), (3, 0.05), (20, 0.3)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mined_negatives_are_the_top_k_after_the_guards(top_k, margin, seed, monkeypatch):
-    monkeypatch.setattr(mine, "ROWS_PER_BLOCK", 5)  # several blocks per language
+    monkeypatch.setattr(negatives, "ROWS_PER_BLOCK", 5)  # several blocks per language
     questions, candidates = corpus()
     embedded = embeddings(questions, candidates, seed)
     mined, skipped = mine_negatives(questions, candidates, *embedded, top_k, margin)

@@ -6,8 +6,9 @@ every query and passage) and cross-lingual otherwise (each pair a query in X and
 passage in Y != X). The other schedules spend the same pair budget differently:
 `sequential` trains round(ratio * steps) mono batches first (or last), `multitask` puts
 mono rows and cross rows in every batch (train gives each its own loss), `pair` is the
-baseline that flips the coin per pair. `sampler.negatives` adds a hard negative per pair
-from the answer's paragraph (docs/strategies.md).
+baseline that flips the coin per pair. `sampler.negatives` adds a hard negative per pair:
+another sentence of the answer's paragraph, or one the base model ranks highest (`mined`,
+the `mine` stage's table) (docs/strategies.md).
 
 No batch holds two pairs of one group: translations of one question would be
 false in-batch negatives. Groups are used evenly: each pool of eligible groups
@@ -39,6 +40,8 @@ from pipeline.common import (
 )
 from pipeline.contracts import (
     CANDIDATES_SCHEMA,
+    MINED_PATH,
+    MINED_SCHEMA,
     PAIRS_PATH,
     PAIRS_SCHEMA,
     PARALLEL_CANDIDATES_PATH,
@@ -49,7 +52,8 @@ from pipeline.contracts import (
     mono_count,
     pairs_stamp,
 )
-from pipeline.params import Params, inert_note, inert_params, load_params, plan_made_by
+from pipeline.params import Params, inert_note, inert_params, load_params, mined_made_by, plan_made_by
+from pipeline.training.negatives import answer_positions
 
 log = logging.getLogger(__name__)
 
@@ -269,35 +273,32 @@ def plan_batches(
 NEGATIVES_STREAM = 1  # the negatives' own random stream: choosing them leaves the batches as they were
 
 
-def plan_negatives(plan: pa.Table, questions: pa.Table, candidates: pa.Table, mode: str, seed: int) -> pa.Table:
+def plan_negatives(
+    plan: pa.Table, questions: pa.Table, candidates: pa.Table, mode: str, seed: int, mined: pa.Table | None = None
+) -> pa.Table:
     """The plan with one hard negative per row (PLAN_SCHEMA's negative_* columns), deterministic for `seed`.
 
     paragraph: another sentence of the answer's paragraph, in the passage's language;
     query_language: another sentence of the answer's paragraph in the query's language
-    (the paragraph of that language's answer). A negative is never the answer sentence of
-    its language, nor a text that is a positive anywhere in its batch (that query would be
-    pushed away from its own answer); a row whose paragraph has no such sentence, such as
-    a one-sentence paragraph, gets none (null).
+    (the paragraph of that language's answer); mined: the best-ranked of the `mined` table's
+    negatives (MINED_SCHEMA) of the row's question in the passage's language, which competes
+    with the positive there (no draw: the seed leaves it as it is). A negative is never the
+    answer sentence of its language, nor a text that is a positive anywhere in its batch (that
+    query would be pushed away from its own answer); a row without such a sentence (a
+    one-sentence paragraph, a question whose mined ones are all positives of its batch) gets
+    none (null).
     """
     if mode == "none":
         return plan
+    if mode == "mined" and mined is None:
+        raise ValueError("mode 'mined' needs the mined table")
     cand = candidates.to_pandas().sort_values(["lang", "paragraph", "candidate"], kind="stable", ignore_index=True)
     in_paragraph = cand.groupby(["lang", "paragraph"], sort=False)
     start = np.arange(len(cand)) - in_paragraph.cumcount().to_numpy()
     length = in_paragraph["candidate"].transform("size").to_numpy()
     text = pd.factorize(cand["sentence"])[0]  # one id per distinct text: an equal text embeds equally
     position = pd.Series(cand.index, index=pd.MultiIndex.from_frame(cand[["lang", "candidate"]]))
-    q = questions.select(["group_id", "lang", "answer_candidate"]).to_pandas()
-    answer_at = position.reindex(pd.MultiIndex.from_arrays([q["lang"], q["answer_candidate"]]))
-    if answer_at.isna().any():
-        lang, candidate = answer_at.index[answer_at.isna()][0]
-        raise PipelineError(
-            f"{PARALLEL_QUESTIONS_PATH}: a '{lang}' question's answer_candidate {candidate} is not in {PARALLEL_CANDIDATES_PATH}"
-        )
-    answer = pd.Series(answer_at.to_numpy(dtype=np.int64), index=pd.MultiIndex.from_frame(q[["group_id", "lang"]]))
-    if answer.index.has_duplicates:
-        group, lang = answer.index[answer.index.duplicated()][0]
-        raise PipelineError(f"{PARALLEL_QUESTIONS_PATH}: group '{group}' has more than one '{lang}' question")
+    answer = answer_positions(questions.select(["group_id", "lang", "answer_candidate"]).to_pandas(), cand)
 
     def answers(langs: str) -> np.ndarray:
         """The position in `cand` of each row's answer sentence in the language of column `langs`."""
@@ -307,12 +308,15 @@ def plan_negatives(plan: pa.Table, questions: pa.Table, candidates: pa.Table, mo
             raise PipelineError(f"{PARALLEL_QUESTIONS_PATH}: group '{group}' has no '{lang}' question, but the plan has its pair")
         return found.to_numpy(dtype=np.int64)
 
-    negative_langs = "passage_lang" if mode == "paragraph" else "query_lang"
+    negative_langs = "query_lang" if mode == "query_language" else "passage_lang"
     own, positive = answers(negative_langs), answers("passage_lang")
     steps = pc.max(plan["batch"]).as_py() + 1
     batch = plan["batch"].to_numpy().astype(np.int64)
     positive_texts = text[positive].reshape(steps, -1)
     in_batch = batch * (text.max() + 1)  # (batch, text) as one key
+    if mode == "mined":
+        negative = _best_mined(plan, mined, position, text, in_batch, in_batch + text[positive])
+        return _with_negatives(plan, negative, cand["candidate"].to_numpy(), negative_langs)
 
     rng = np.random.default_rng([seed, NEGATIVES_STREAM])
     first, size = start[own], length[own]
@@ -324,10 +328,44 @@ def plan_negatives(plan: pa.Table, questions: pa.Table, candidates: pa.Table, mo
         taken = {text[own[row]], *positive_texts[batch[row]]}
         allowed = [c for c in range(first[row], first[row] + size[row]) if text[c] not in taken]
         negative[row] = allowed[int(rng.random() * len(allowed))] if allowed else -1
+    return _with_negatives(plan, negative, cand["candidate"].to_numpy(), negative_langs)
+
+
+def _best_mined(
+    plan: pa.Table, mined: pa.Table, position: pd.Series, text: np.ndarray, in_batch: np.ndarray, positive_keys: np.ndarray
+) -> np.ndarray:
+    """Per plan row, the position (in the sorted candidates) of its best-ranked mined negative in the passage's
+    language whose text is no positive of its batch (keys: in_batch + text), or -1."""
+    m = mined.to_pandas()
+    at = position.reindex(pd.MultiIndex.from_arrays([m["negative_lang"], m["negative_candidate"]]))
+    if at.isna().any():
+        lang, candidate = at.index[at.isna()][0]
+        raise PipelineError(
+            f"{MINED_PATH}: its '{lang}' candidate {candidate} is not in {PARALLEL_CANDIDATES_PATH} (stale output: run `dvc repro`)"
+        )
+    m["at"] = at.to_numpy(dtype=np.int64)
+    rows = pd.DataFrame(
+        {
+            "row": np.arange(plan.num_rows),
+            "group_id": plan["group_id"].to_numpy(),
+            "query_lang": plan["query_lang"].to_numpy(),
+            "negative_lang": plan["passage_lang"].to_numpy(),
+        }
+    )
+    offered = rows.merge(m[["group_id", "query_lang", "negative_lang", "rank", "at"]], on=["group_id", "query_lang", "negative_lang"])
+    offered = offered[~np.isin(in_batch[offered["row"]] + text[offered["at"]], positive_keys)]
+    best = offered.sort_values(["row", "rank"], kind="stable").drop_duplicates("row")
+    negative = np.full(plan.num_rows, -1, dtype=np.int64)
+    negative[best["row"].to_numpy()] = best["at"].to_numpy()
+    return negative
+
+
+def _with_negatives(plan: pa.Table, negative: np.ndarray, candidate_ids: np.ndarray, negative_langs: str) -> pa.Table:
+    """The plan's negative_* columns set from `negative` (positions into the sorted candidates, -1 = none)."""
     chosen = negative >= 0
     columns = {
         "negative_lang": pa.array(np.where(chosen, plan[negative_langs].to_numpy(), None), pa.string()),
-        "negative_candidate": pa.array(cand["candidate"].to_numpy()[negative], pa.int32(), mask=~chosen),
+        "negative_candidate": pa.array(candidate_ids[negative], pa.int32(), mask=~chosen),
     }
     for name, column in columns.items():
         plan = plan.set_column(plan.schema.get_field_index(name), PLAN_SCHEMA.field(name), column)
@@ -336,7 +374,7 @@ def plan_negatives(plan: pa.Table, questions: pa.Table, candidates: pa.Table, mo
 
 def plan_summary(plan: pa.Table, n_groups: int, negatives: str = "none") -> dict[str, float | int]:
     """Flat metrics for `dvc metrics diff`: batch kinds, mono share, pairs per language pair, epochs,
-    hard negatives planned and skipped (rows whose paragraph had no other sentence)."""
+    hard negatives planned and skipped (rows left without one)."""
     steps = pc.max(plan["batch"]).as_py() + 1
     mono = pc.equal(plan["kind"], "mono").to_numpy().reshape(steps, -1)
     planned = plan.num_rows - plan["negative_candidate"].null_count
@@ -361,6 +399,8 @@ def negatives_note(mode: str, metrics: dict) -> str:
     """What the stage's line says of hard negatives: how many, or why there are none although asked for."""
     if mode == "none":
         return ""
+    if not metrics["negatives.planned"] and mode == "mined":
+        return f", no mined hard negatives: {MINED_PATH} offers none but positives of their batches"
     if not metrics["negatives.planned"]:
         return (
             f", no {mode} hard negatives: no answer has another sentence in its paragraph "
@@ -379,7 +419,8 @@ def plan_from_params(params: Params) -> tuple[pa.Table, dict, int]:
     if sampler.negatives != "none":
         questions = read_parquet(PARALLEL_QUESTIONS_PATH, QUESTIONS_SCHEMA, made_by=made_by)
         candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by)
-        plan = plan_negatives(plan, questions, candidates, sampler.negatives, params.seed)
+        mined = read_parquet(MINED_PATH, MINED_SCHEMA, made_by=mined_made_by(params)) if sampler.negatives == "mined" else None
+        plan = plan_negatives(plan, questions, candidates, sampler.negatives, params.seed, mined)
     return plan, plan_summary(plan, len(groups), sampler.negatives), len(groups)
 
 

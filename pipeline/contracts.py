@@ -20,6 +20,11 @@ Tables:
   whether the row is monolingual or cross-lingual (under `sampler.schedule: multitask`,
   which task it trains), `negative_lang` and `negative_candidate` name its hard negative
   (a row of `data/parallel/candidates.parquet`; null when it has none);
+- `data/mined/negatives.parquet`: the hard negatives the base model ranks highest, one
+  row per (question, candidate language, rank): for each question (`group_id`,
+  `query_lang`) and each language of its group, up to `mine.top_k` candidates of that
+  language (`negative_lang`, `negative_candidate`), best first; empty unless
+  `sampler.negatives: mined`;
 - `metrics/eval_queries/<dataset>.parquet`: one row per scored query and setting.
 """
 
@@ -40,6 +45,7 @@ PARALLEL_QUESTIONS_PATH = PARALLEL_DIR / "questions.parquet"
 PARALLEL_CANDIDATES_PATH = PARALLEL_DIR / "candidates.parquet"
 DEV_DIR = Path("data/dev")  # the held-out dev split of the training source: questions.parquet, candidates.parquet
 PLAN_PATH = Path("data/batches/plan.parquet")
+MINED_PATH = Path("data/mined/negatives.parquet")
 BASE_MODEL_DIR = Path("models/base")
 RESULTS_DIR = Path("results")  # where scoring a model by hand writes (git-ignored): never over a stage's outputs
 
@@ -85,6 +91,17 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 
+MINED_SCHEMA = pa.schema(
+    [
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("query_lang", pa.string(), nullable=False),  # the question's language
+        pa.field("negative_lang", pa.string(), nullable=False),  # the language of the candidates ranked
+        pa.field("rank", pa.int32(), nullable=False),  # 0 = the base model's best after the guards
+        pa.field("negative_candidate", pa.int32(), nullable=False),  # its `candidate` in data/parallel/candidates.parquet
+        pa.field("score", pa.float32(), nullable=False),  # cosine similarity to the prefixed question
+    ]
+)
+
 # Per-query evaluation results: the unit that paired statistics resample (pipeline/analysis/compare.py).
 QUERIES_SCHEMA = pa.schema(
     [
@@ -109,8 +126,9 @@ SAMPLER_PARAMS = ("ratio", "schedule", "order", "batch_size", "steps", "negative
 # cross in every batch, one loss each; pair: a coin per pair (baseline).
 SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
 SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
-# none | another sentence of the answer's paragraph in the passage's language | in the query's language
-NEGATIVE_MODES = ("none", "paragraph", "query_language")
+# none | another sentence of the answer's paragraph in the passage's language | in the query's language |
+# what the base model ranks highest in the passage's language (the `mine` stage's table)
+NEGATIVE_MODES = ("none", "paragraph", "query_language", "mined")
 # The headline figure of each LAReQA setting: the metrics name them, and so do the dev curve
 # (`dev/<figure>` in metrics/train_live) and `train.keep_best`.
 HEADLINE_FIGURES = ("mono_map", "cross_map", "multi_map")
@@ -131,6 +149,12 @@ def raw_stamp(source: str, data_train: str | None = None) -> dict:
 def pairs_stamp(data_train: str, dev_share: float) -> dict:
     """What consumers of `data/parallel/*` and `data/dev/*` check: the training source and the share held out as dev."""
     return {"data.train": data_train, "data.dev_share": dev_share}
+
+
+def mined_stamp(data_train: str, dev_share: float, negatives: str, mining: dict | None = None) -> dict:
+    """What `mine` stamps on its table and `batches` checks: the training data, the negatives mode (another mode
+    gets an empty table) and, for `mined`, the params the mining used (`mine.*`, the model's prefixes and length)."""
+    return {**pairs_stamp(data_train, dev_share), "sampler.negatives": negatives, **(mining or {})}
 
 
 def mono_count(ratio: float, n: int) -> int:

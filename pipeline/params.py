@@ -59,6 +59,7 @@ from pipeline.contracts import (
     SAMPLER_ORDERS,
     SAMPLER_SCHEDULES,
     Noise,
+    mined_stamp,
     mono_count,
     plan_stamp,
 )
@@ -86,6 +87,7 @@ class Spec:
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False  # lo itself is excluded (> lo)
+    hi_open: bool = False  # hi itself is excluded (< hi)
     why: str = ""  # said after a range error: "(InfoNCE needs in-batch negatives)"
     choices: Callable[[], Collection[str]] | None = None  # the allowed values, from the module that owns them
     check: Callable[[Any], str | None] | None = None  # a further value check: an error, or None
@@ -101,8 +103,10 @@ def integer(meaning: str, lo: int | None = None, hi: int | None = None, why: str
     return Spec("int", meaning, lo=lo, hi=hi, why=why, **more)
 
 
-def number(meaning: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False, why: str = "", **more) -> Spec:
-    return Spec("number", meaning, lo=lo, hi=hi, lo_open=lo_open, why=why, **more)
+def number(
+    meaning: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False, why: str = "", **more
+) -> Spec:
+    return Spec("number", meaning, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, why=why, **more)
 
 
 def string(meaning: str = "", noun: str = "", **more) -> Spec:
@@ -189,12 +193,15 @@ SCHEMA: dict[str, Spec] = {
     "translate.max_decoding_length": integer("output tokens per sentence", lo=1),
     "translate.max_input_tokens": integer("longer source sentences are cut", lo=3, why="(NLLB's language tag and end token take two)"),
     "translate.max_batch_tokens": integer("source tokens per CTranslate2 batch", lo=1),
+    "mine.top_k": integer("mined negatives kept per question and language, best first", lo=1),
+    "mine.relative_margin": number("drop candidates scoring above positive - |positive| x this (likely false negatives)", lo=0, hi=1, hi_open=True),
+    "mine.precision": string("auto, fp32 or bf16 autocast of the mining's encoding", choices=lambda: PRECISIONS),
     "sampler.ratio": number("share of monolingual batches (multitask: of rows in each batch)", lo=0, hi=1),
     "sampler.schedule": string("hybrid, sequential, multitask or pair: how mono and cross pairs share batches", choices=lambda: SAMPLER_SCHEDULES),
     "sampler.order": string("sequential: mono_first or cross_first", choices=lambda: SAMPLER_ORDERS),
     "sampler.batch_size": integer("pairs per batch", lo=2, why="(InfoNCE needs in-batch negatives)"),
     "sampler.steps": integer("training steps (batches planned)", lo=1),
-    "sampler.negatives": string("hard negatives: none, paragraph or query_language", choices=lambda: NEGATIVE_MODES),
+    "sampler.negatives": string("hard negatives: none, paragraph, query_language or mined", choices=lambda: NEGATIVE_MODES),
     "train.lr": number("AdamW's peak learning rate", lo=0, lo_open=True),
     "train.temperature": number("InfoNCE temperature", lo=0, lo_open=True),
     "train.warmup_ratio": number("share of steps of linear warm-up", lo=0, hi=1),
@@ -256,15 +263,15 @@ def _type_ok(value: Any, kind: str) -> bool:
 
 def _range_error(value: float, spec: Spec) -> str | None:
     low = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
-    high = spec.hi is not None and value > spec.hi
+    high = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
     if not (low or high):
         return None
     if spec.lo is not None and spec.hi is not None:
-        rule = f"is outside {'(' if spec.lo_open else '['}{_fmt(spec.lo)}, {_fmt(spec.hi)}]"
+        rule = f"is outside {'(' if spec.lo_open else '['}{_fmt(spec.lo)}, {_fmt(spec.hi)}{')' if spec.hi_open else ']'}"
     elif low:
         rule = f"must be {'>' if spec.lo_open else '>='} {_fmt(spec.lo)}"
     else:
-        rule = f"must be <= {_fmt(spec.hi)}"
+        rule = f"must be {'<' if spec.hi_open else '<='} {_fmt(spec.hi)}"
     return f"{_fmt(value)} {rule}" + (f" {spec.why}" if spec.why else "")
 
 
@@ -496,7 +503,8 @@ def schema_lines() -> list[str]:
         what = spec.expected()
         if spec.lo is not None or spec.hi is not None:
             low = f"{'>' if spec.lo_open else '>='} {_fmt(spec.lo)}" if spec.lo is not None else ""
-            what += f", {low}{', ' if low and spec.hi is not None else ''}{f'<= {_fmt(spec.hi)}' if spec.hi is not None else ''}"
+            high = f"{'<' if spec.hi_open else '<='} {_fmt(spec.hi)}" if spec.hi is not None else ""
+            what += ", " + ", ".join(bound for bound in (low, high) if bound)
         if spec.choices is not None and len(spec.choices()) <= 12:
             what += f", one of {', '.join(spec.choices())}"
         if spec.nullable:
@@ -553,6 +561,13 @@ class TranslateParams:
 
 
 @dataclass(frozen=True)
+class MineParams:
+    top_k: int
+    relative_margin: float
+    precision: str
+
+
+@dataclass(frozen=True)
 class SamplerParams:
     ratio: float
     schedule: str
@@ -588,13 +603,14 @@ class Params:
     model: ModelParams
     evaluate: EvaluateParams
     translate: TranslateParams
+    mine: MineParams
     sampler: SamplerParams
     train: TrainParams
 
 
 GROUP_CLASSES = {
     "data": DataParams, "model": ModelParams, "evaluate": EvaluateParams, "translate": TranslateParams,
-    "sampler": SamplerParams, "train": TrainParams,
+    "mine": MineParams, "sampler": SamplerParams, "train": TrainParams,
 }  # fmt: skip
 
 
@@ -614,6 +630,10 @@ def as_dict(group) -> dict:
 # edit of one reruns no stage after the ones that list it.
 INERT: list[tuple[tuple[str, ...], Callable[[Params], str | None]]] = [
     (("sampler.order",), lambda p: None if p.sampler.schedule == "sequential" else f"sampler.schedule is {p.sampler.schedule}"),
+    (
+        tuple(name for name in SCHEMA if name.startswith("mine.")),
+        lambda p: None if p.sampler.negatives == "mined" else f"sampler.negatives is {p.sampler.negatives}",
+    ),
     (("train.adversary_lr",), lambda p: None if p.train.adversarial_weight else "train.adversarial_weight is 0"),
     (("train.query_noise_rate",), lambda p: None if p.train.query_noise else "train.query_noise is empty"),
     (
@@ -643,6 +663,21 @@ def plan_made_by(params: Params) -> dict:
     """The stamp `batches` writes on the plan and `train` checks, without the sampler params that do
     nothing under these options: a plan of equal content is then equal bytes, and DVC reruns nothing after it."""
     return plan_stamp(params.seed, as_dict(params.sampler), inert_params(params))
+
+
+def mined_made_by(params: Params) -> dict:
+    """The stamp `mine` writes on its table and `batches` checks. Under another negatives mode the table is
+    empty and the mining params are left out, so editing them gives the same bytes and reruns nothing after it."""
+    mining = None
+    if params.sampler.negatives == "mined":
+        model = params.model
+        mining = {f"mine.{key}": value for key, value in as_dict(params.mine).items()}
+        mining |= {
+            "model.max_length": model.max_length,
+            "model.query_prefix": model.query_prefix,
+            "model.passage_prefix": model.passage_prefix,
+        }
+    return mined_stamp(params.data.train, params.data.dev_share, params.sampler.negatives, mining)
 
 
 def _frozen(value: Any) -> Any:

@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import REPO
 
 PACKAGE = REPO / "pipeline"
-STAGES = ("fetch", "base_model", "translate", "batches", "train", "evaluate", "card")
+STAGES = ("fetch", "base_model", "translate", "mine", "batches", "train", "evaluate", "card")
 
 # Lowest first. A module's layer is its own entry, else its subpackage's.
 LAYERS = [

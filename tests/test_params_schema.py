@@ -194,6 +194,12 @@ VALUE_CASES = [
     ({"translate.max_decoding_length": 0}, "translate.max_decoding_length: 0 must be >= 1"),
     ({"translate.max_input_tokens": 2}, "translate.max_input_tokens: 2 must be >= 3 (NLLB's language tag and end token take two)"),
     ({"translate.max_batch_tokens": "4096"}, "translate.max_batch_tokens: expected an integer, got the string '4096'"),
+    ({"mine.top_k": 0}, "mine.top_k: 0 must be >= 1"),
+    ({"mine.top_k": 8.0}, "mine.top_k: expected an integer, got the number 8.0"),
+    ({"mine.relative_margin": 1}, "mine.relative_margin: 1 is outside [0, 1)"),  # 1 would drop every candidate scoring above 0
+    ({"mine.relative_margin": -0.05}, "mine.relative_margin: -0.05 is outside [0, 1)"),
+    ({"mine.relative_margin": None}, "mine.relative_margin: expected a number, got null"),
+    ({"mine.precision": "bf-16"}, "mine.precision: 'bf-16' is not one of auto, fp32, bf16 (did you mean bf16?)"),
     ({"sampler.ratio": -0.1}, "sampler.ratio: -0.1 is outside [0, 1]"),
     ({"sampler.ratio": 1.5}, "sampler.ratio: 1.5 is outside [0, 1]"),
     ({"sampler.ratio": "0.5"}, "sampler.ratio: expected a number, got the string '0.5'"),
@@ -203,7 +209,8 @@ VALUE_CASES = [
     ({"sampler.schedule": "batch"}, "sampler.schedule: 'batch' is not one of hybrid, sequential, multitask, pair"),
     ({"sampler.order": "mono"}, "sampler.order: 'mono' is not one of mono_first, cross_first"),
     ({"sampler.order": None}, "sampler.order: expected a string, got null"),
-    ({"sampler.negatives": "hard"}, "sampler.negatives: 'hard' is not one of none, paragraph, query_language"),
+    ({"sampler.negatives": "hard"}, "sampler.negatives: 'hard' is not one of none, paragraph, query_language, mined"),
+    ({"sampler.negatives": "mine"}, "sampler.negatives: 'mine' is not one of none, paragraph, query_language, mined (did you mean mined?)"),
     ({"sampler.negatives": False}, "sampler.negatives: expected a string, got the boolean false"),
     ({"sampler.batch_size": 1}, "sampler.batch_size: 1 must be >= 2 (InfoNCE needs in-batch negatives)"),
     ({"sampler.batch_size": 0}, "sampler.batch_size: 0 must be >= 2 (InfoNCE needs in-batch negatives)"),
@@ -288,6 +295,8 @@ GOOD_EDITS = [
     {"sampler.ratio": 0.0, "sampler.batch_size": 2, "sampler.schedule": "pair"},
     {"sampler.schedule": "sequential", "sampler.order": "cross_first", "sampler.negatives": "query_language"},
     {"sampler.schedule": "multitask", "sampler.negatives": "paragraph", "train.chunk_size": 4},
+    {"sampler.negatives": "mined", "mine.top_k": 1, "mine.relative_margin": 0, "mine.precision": "fp32"},
+    {"sampler.negatives": "mined", "mine.relative_margin": 0.99},
     {"sampler.schedule": "multitask", "sampler.batch_size": 4, "sampler.ratio": 0.5},  # two tasks of two rows
     {"sampler.schedule": "multitask", "sampler.batch_size": 2, "sampler.ratio": 1},  # one task: every row mono
     {"sampler.schedule": "hybrid", "sampler.batch_size": 2, "sampler.ratio": 0.5},  # one task per batch
@@ -417,12 +426,15 @@ def test_inert_params_are_those_the_chosen_options_ignore():
     translate = [name for name in SCHEMA if name.startswith("translate.") and name != "translate.model"]
     assert set(inert_params(repo)) == {
         "sampler.order", "train.adversary_lr", "train.query_noise_rate", *translate, "data.squad", "data.squad_split", "evaluate.mteb_langs",
+        "mine.top_k", "mine.relative_margin", "mine.precision",
     }  # fmt: skip
+    assert inert_params(repo)["mine.top_k"] == "sampler.negatives is query_language"
     assert inert_params(repo)["sampler.order"] == "sampler.schedule is hybrid"
     used = build(
         edited(
             {
                 "sampler.schedule": "sequential",
+                "sampler.negatives": "mined",
                 "train.adversarial_weight": 0.1,
                 "train.query_noise": ["lowercase"],
                 "data.train": "squad",

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import batches, fetch, train, translate
+from pipeline import batches, fetch, mine, train, translate
 from pipeline.common import PipelineError, read_parquet
 from pipeline.contracts import CANDIDATES_SCHEMA, OWN_SOURCE, PLAN_PATH, PLAN_SCHEMA, QUESTIONS_SCHEMA, raw_tables
 from pipeline.params import load_params
@@ -212,12 +212,12 @@ def test_the_licence_is_the_declared_one_else_the_known_source_own():
 
 
 def _to_plan(monkeypatch, capsys, tmp_path: Path, rows: list[dict], **params) -> str:
-    """fetch, translate and batches on `rows` in tmp_path; returns what batches printed."""
+    """fetch, translate, mine and batches on `rows` in tmp_path; returns what they printed."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fetch, "sources_to_fetch", lambda data: [OWN_SOURCE])
     write_jsonl(tmp_path / "data/own/faq.jsonl", rows)
     _project(tmp_path, "data/own/faq.jsonl", **params)
-    for stage in (fetch, translate, batches):
+    for stage in (fetch, translate, mine, batches):
         stage.main()
     return capsys.readouterr().out
 
@@ -226,6 +226,21 @@ def test_without_a_negative_column_no_hard_negatives_and_the_stage_says_so(tmp_p
     out = _to_plan(monkeypatch, capsys, tmp_path, own_rows(8, negatives=False), **{"sampler.negatives": "query_language"})
     assert "no query_language hard negatives: no answer has another sentence in its paragraph (data of your own gives them" in out
     assert json.loads((tmp_path / "metrics/batches.json").read_text())["negatives.planned"] == 0
+
+
+def test_without_a_negative_column_mined_negatives_come_from_the_file_s_other_passages(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    rows = own_rows(8, negatives=False)
+    shutil.copytree(tiny_model_dir, tmp_path / "models/base")
+    _to_plan(monkeypatch, capsys, tmp_path, rows, **{"sampler.negatives": "mined", "mine.precision": "fp32", "mine.relative_margin": 0.0})
+    plan = read_parquet(PLAN_PATH, PLAN_SCHEMA).to_pylist()
+    candidates = read_parquet("data/parallel/candidates.parquet", CANDIDATES_SCHEMA).to_pandas().set_index(["lang", "candidate"])
+    passage_of = {(r["group_id"], r["lang"]): r["passage"] for r in rows}
+    assert all(r["negative_candidate"] is not None for r in plan)  # every pair gets one, though the file has none
+    for r in plan:
+        negative = candidates.loc[(r["negative_lang"], r["negative_candidate"]), "sentence"]
+        assert r["negative_lang"] == r["passage_lang"] and negative.startswith(f"{r['passage_lang']} hold button ")
+        assert negative != passage_of[r["group_id"], r["passage_lang"]]  # another group's passage, never its own answer
+    assert json.loads((tmp_path / "metrics/batches.json").read_text())["negatives.planned"] == len(plan)
 
 
 def test_a_jsonl_file_trains_end_to_end_with_its_negatives_and_a_dev_curve(tmp_path, monkeypatch, capsys, tiny_model_dir):

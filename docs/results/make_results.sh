@@ -34,6 +34,13 @@ if has default-s43 && has default-s44; then
   python -m pipeline.analysis.compare base=workspace:metrics/eval_base_queries default=workspace default=default-s43 default=default-s44 \
       --against base --dataset xquad_r --out "$out/default_vs_base" > /dev/null
 fi
+# Issue #30's first runs: mined hard negatives against the default's, on dev (the choice) and on test
+if has default-s43 && has default-s44 && has mined-s42 && has mined-s43 && has mined-s44; then
+  arms="query_language=workspace query_language=default-s43 query_language=default-s44 mined=mined-s42 mined=mined-s43 mined=mined-s44"
+  python -m pipeline.analysis.compare $arms --against query_language --dataset dev --queries-dir metrics/dev_queries \
+      --out "$out/dev/mined_vs_query_language" > /dev/null
+  python -m pipeline.analysis.compare $arms --against query_language --dataset xquad_r --out "$out/mined_vs_query_language" > /dev/null
+fi
 # docs/results/appendix.md: appendix.template.md with each {{name}} replaced by docs/results/<name>.md
 python - "$docs" <<'PY'
 import re, sys

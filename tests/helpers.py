@@ -332,8 +332,10 @@ def stage_outputs(name: str) -> list[str]:
 
 
 def dvc_env(**settings: str) -> dict[str, str]:
-    """The environment of `dvc` run by a test: this checkout's pipeline package, a git identity, no analytics."""
-    return {**os.environ, **GIT_IDENTITY, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", **settings}
+    """The environment of `dvc` run by a test: this checkout's pipeline package, a git identity, no analytics,
+    and $HYBRIDIR_MIRROR made absolute (CI gives it relative to the checkout; the test's project is elsewhere)."""
+    mirror = {"HYBRIDIR_MIRROR": str(Path(os.environ["HYBRIDIR_MIRROR"]).resolve())} if os.environ.get("HYBRIDIR_MIRROR") else {}
+    return {**os.environ, **GIT_IDENTITY, **mirror, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", **settings}
 
 
 def dvc(cwd: Path, *args: str, **settings: str) -> subprocess.CompletedProcess:

@@ -239,11 +239,11 @@ BASE_MODEL_STAND_IN = "mkdir -p models metrics && cp -r tiny_model models/base &
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, tiny_model_dir) -> Path:
-    """A git + DVC project of the repository's params, base_model, batches and train stages, reproduced and committed."""
+    """A git + DVC project of the repository's params, base_model, mine, batches and train stages, reproduced and committed."""
     root = stage_dir(tmp_path_factory.mktemp("reproduced"), tiny_model_dir, steps=3)
     shutil.move(root / "models/base", root / "tiny_model")
     (root / PLAN_PATH).unlink()  # the batches stage makes it
-    init_dvc_project(root, repo_stages("params", "base_model", "batches", "train", commands={"base_model": BASE_MODEL_STAND_IN}))
+    init_dvc_project(root, repo_stages("params", "base_model", "mine", "batches", "train", commands={"base_model": BASE_MODEL_STAND_IN}))
     result = dvc(root, "repro")
     assert result.returncode == 0, result.stderr
     git(root, "add", "-A")

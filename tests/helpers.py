@@ -13,6 +13,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -393,3 +395,36 @@ def step_in_one_and_two_processes(one_step, model_dir: Path, tmp_path: Path) -> 
         mp.spawn(one_step, args=(world_size, free_port(), str(model_dir), str(out)), nprocs=world_size)
         results[world_size] = torch.load(out)
     return results
+
+
+def synthetic(ids: list[str], langs: list[str], latent: np.ndarray, rng: np.random.Generator, shift: float = 0.0) -> pd.DataFrame:
+    """A per-query table like `evaluate`'s: every question in every language, all three settings.
+
+    A question's `latent` difficulty (shared by two runs and by its translations) sets the mean
+    of its beta-distributed ap in every row, so rows of one question are correlated, as real
+    ones are; `shift` is added to every ap, so it is the true difference of each mAP figure."""
+    n, k = len(ids), 6.0
+    mono = [(x, x) for x in langs]
+    cross = [(x, y) for x in langs for y in langs if x != y]
+    parts = []
+    for setting, cells in (("mono", mono), ("cross", cross), ("multi", [(x, None) for x in langs])):
+        p = np.repeat(latent[None, :], len(cells), axis=0).ravel()
+        ap = rng.beta(k * p, k * (1 - p)) + shift
+        multi = setting == "multi"
+        parts.append(
+            pd.DataFrame(
+                {
+                    "setting": setting,
+                    "query_lang": np.repeat([x for x, _ in cells], n),
+                    "passage_lang": np.repeat([y for _, y in cells], n),
+                    "question_id": np.tile(ids, len(cells)),
+                    "paragraph": np.tile([f"p{k // 5}" for k in range(n)], len(cells)),  # 5 questions a paragraph
+                    "ap": ap,
+                    "recall_at_1": np.nan if multi else (ap > 0.5).astype(float),
+                    "recall_at_10": rng.beta(k * p, k * (1 - p)) if multi else np.nan,
+                    "rank_distance": rng.gamma(2.0, 300 * (1.2 - p)) if multi else np.nan,
+                    "own_language_first": (rng.random(len(p)) < 0.5).astype(float) if multi else np.nan,
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)

@@ -19,42 +19,11 @@ from statsmodels.stats.multitest import multipletests
 from pipeline.analysis import compare as cmp
 from pipeline.analysis import reassess, seed_stats
 from pipeline.analysis.compare import Entry, clusters_of, compare, group_entries, headline, plot_forest
-from pipeline.analysis.runs import COMPARED_SCHEMA, figure_label, read_queries
+from pipeline.analysis.runs import COMPARED_SCHEMA, OPTIONAL_COLUMNS, figure_label, read_queries
 from pipeline.common import PipelineError, run_stage, write_parquet
+from tests.helpers import synthetic
 
 AP_FIGURES = ("mono_map", "cross_map", "multi_map")
-
-
-def synthetic(ids: list[str], langs: list[str], latent: np.ndarray, rng: np.random.Generator, shift: float = 0.0) -> pd.DataFrame:
-    """A per-query table like `evaluate`'s: every question in every language, all three settings.
-
-    A question's `latent` difficulty (shared by two runs and by its translations) sets the mean
-    of its beta-distributed ap in every row, so rows of one question are correlated, as real
-    ones are; `shift` is added to every ap, so it is the true difference of each mAP figure."""
-    n, k = len(ids), 6.0
-    mono = [(x, x) for x in langs]
-    cross = [(x, y) for x in langs for y in langs if x != y]
-    parts = []
-    for setting, cells in (("mono", mono), ("cross", cross), ("multi", [(x, None) for x in langs])):
-        p = np.repeat(latent[None, :], len(cells), axis=0).ravel()
-        ap = rng.beta(k * p, k * (1 - p)) + shift
-        multi = setting == "multi"
-        parts.append(
-            pd.DataFrame(
-                {
-                    "setting": setting,
-                    "query_lang": np.repeat([x for x, _ in cells], n),
-                    "passage_lang": np.repeat([y for _, y in cells], n),
-                    "question_id": np.tile(ids, len(cells)),
-                    "paragraph": np.tile([f"p{k // 5}" for k in range(n)], len(cells)),  # 5 questions a paragraph
-                    "ap": ap,
-                    "recall_at_1": np.nan if multi else (ap > 0.5).astype(float),
-                    "recall_at_10": rng.beta(k * p, k * (1 - p)) if multi else np.nan,
-                    "rank_distance": rng.gamma(2.0, 300 * (1.2 - p)) if multi else np.nan,
-                }
-            )
-        )
-    return pd.concat(parts, ignore_index=True)
 
 
 def synthetic_pair(seed: int, shift: float, n_ids: int = 300, langs=("en", "de", "zh")):
@@ -81,7 +50,7 @@ def test_headline_is_the_macro_average_of_cell_means():
         ("multi", "en", None, "q2", 0.5, None, 0.0, 30.0),
         ("multi", "de", None, "q1", 0.1, None, 0.5, 5.0),
     ]
-    table = pd.DataFrame(rows, columns=[name for name in COMPARED_SCHEMA.names if name != "paragraph"])
+    table = pd.DataFrame(rows, columns=[name for name in COMPARED_SCHEMA.names if name not in OPTIONAL_COLUMNS])
     figures = headline(table)
     # Macro, not micro: each cell counts once however many questions it has.
     assert figures["mono_map"] == pytest.approx(((1.0 + 0.5) / 2 + 0.2) / 2)  # 0.475, micro would be 0.567

@@ -41,6 +41,8 @@ if has default-s43 && has default-s44 && has mined-s42 && has mined-s43 && has m
       --out "$out/dev/mined_vs_query_language" > /dev/null
   python -m pipeline.analysis.compare $arms --against query_language --dataset xquad_r --out "$out/mined_vs_query_language" > /dev/null
 fi
+# Issue #30: docs/results.md's first section and its tables (docs/results/answer/), from the runs docs/results/answer.yaml names
+python -m pipeline.analysis.answer docs/results/answer.yaml > /dev/null
 # docs/results/appendix.md: appendix.template.md with each {{name}} replaced by docs/results/<name>.md
 python - "$docs" <<'PY'
 import re, sys

@@ -35,6 +35,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -44,29 +45,41 @@ from pipeline.analysis import seed_stats
 from pipeline.analysis.runs import figure_label, label_groups, params_at, parse_entry, read_queries, run_rows
 from pipeline.common import PipelineError, run_stage, write_figure, write_report, write_table
 
-# Headline figure -> (setting, column): each is a macro-average over the setting's cells
-# (mono: languages X of (X, X); cross: ordered pairs X != Y; multi: query languages X) of
-# the cell's mean column value, as `evaluate` computes them for metrics/eval.json.
+
+class FigureSpec(NamedTuple):
+    """A figure of per-query rows: the macro-average over the setting's cells (mono: languages X of
+    (X, X); cross: ordered pairs X != Y; multi: query languages X) of the cell's mean `column`, as
+    `evaluate` computes them for metrics/eval.json; `query_langs` keeps the cells of those query
+    languages only (a resource class's figure), None every one."""
+
+    setting: str
+    column: str
+    query_langs: frozenset[str] | None = None
+
+
+# The headline figures a comparison reports by default.
 FIGURES = {
-    "mono_map": ("mono", "ap"),
-    "cross_map": ("cross", "ap"),
-    "multi_map": ("multi", "ap"),
-    "multi_recall_at_10": ("multi", "recall_at_10"),
-    "rank_distance": ("multi", "rank_distance"),
+    "mono_map": FigureSpec("mono", "ap"),
+    "cross_map": FigureSpec("cross", "ap"),
+    "multi_map": FigureSpec("multi", "ap"),
+    "multi_recall_at_10": FigureSpec("multi", "recall_at_10"),
+    "rank_distance": FigureSpec("multi", "rank_distance"),
 }
 ALPHA = 0.05
 ADJUSTMENT_NAMES = {"holm": "Holm (family-wise error)", "fdr_bh": "Benjamini–Hochberg (false discovery rate)"}
 
 
-def cells(table: pd.DataFrame) -> pd.DataFrame:
+def cells(table: pd.DataFrame, figures: dict[str, FigureSpec] = FIGURES) -> pd.DataFrame:
     """Long form of a per-query table: question_id, column ('figure|cell'), value; nulls dropped."""
     setting = table["setting"].to_numpy(object)
     query, passage = table["query_lang"].to_numpy(object), table["passage_lang"].to_numpy(object)
     ids = table["question_id"].to_numpy(object)
     parts = []
-    for figure, (name, column) in FIGURES.items():
+    for figure, (name, column, query_langs) in figures.items():
         values = table[column].to_numpy(float)
         rows = (setting == name) & ~np.isnan(values)
+        if query_langs is not None:
+            rows &= np.isin(query, list(query_langs))
         if name == "mono":
             rows &= query == passage
             cell = query[rows]
@@ -79,11 +92,11 @@ def cells(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({key: np.concatenate([part[k] for part in parts]) for k, key in enumerate(("question_id", "column", "value"))})
 
 
-def headline(table: pd.DataFrame) -> dict[str, float]:
-    """The headline figures of one per-query table (NaN for a figure without rows)."""
-    means = cells(table).groupby("column")["value"].mean()
+def headline(table: pd.DataFrame, figures: dict[str, FigureSpec] = FIGURES) -> dict[str, float]:
+    """The figures of one per-query table (NaN for a figure without rows)."""
+    means = cells(table, figures).groupby("column")["value"].mean()
     figure = means.index.str.split("|").str[0]
-    return {name: float(means[figure == name].mean()) if (figure == name).any() else float("nan") for name in FIGURES}
+    return {name: float(means[figure == name].mean()) if (figure == name).any() else float("nan") for name in figures}
 
 
 @dataclass
@@ -96,7 +109,7 @@ class Layout:
     groups: list[np.ndarray]  # per figure, its column positions
 
 
-def layout(tables: list[tuple[str, pd.DataFrame]]) -> tuple[Layout, list[str]]:
+def layout(tables: list[tuple[str, pd.DataFrame]], names: tuple[str, ...] = tuple(FIGURES)) -> tuple[Layout, list[str]]:
     """The question ids and cells every table has (a paired comparison needs the same units),
     and notes on what was left out."""
     own_ids = [(name, pd.Index(long["question_id"].unique())) for name, long in tables]
@@ -119,10 +132,10 @@ def layout(tables: list[tuple[str, pd.DataFrame]]) -> tuple[Layout, list[str]]:
     every = set().union(*(set(long["column"].unique()) for _, long in tables))
     if len(every) > len(columns):
         notes.append(f"{len(every) - len(columns)} language cells not in every entry were left out")
-    order = {name: i for i, name in enumerate(FIGURES)}
+    order = {name: i for i, name in enumerate(names)}
     columns = pd.Index(sorted(columns, key=lambda c: (order[c.split("|")[0]], c)))
     of_column = np.array([c.split("|")[0] for c in columns])
-    figures = [f for f in FIGURES if (of_column == f).any()]
+    figures = [f for f in names if (of_column == f).any()]
     return Layout(ids, columns, figures, [np.flatnonzero(of_column == f) for f in figures]), notes
 
 
@@ -174,12 +187,11 @@ def clusters_of(ids: pd.Index, tables: list[pd.DataFrame]) -> tuple[np.ndarray, 
     return np.where(paragraph.isna(), np.asarray(ids, dtype=object), paragraph.to_numpy(dtype=object)).astype(str), notes
 
 
-def compatible_interval(result: seed_stats.ArmDifference, k: int, p_adjusted: float) -> tuple[float, float]:
-    """The interval of figure k at the level where its own p-value meets the family's threshold:
-    confidence 1 - ALPHA * p / p_adjusted, so it excludes 0 exactly when the adjusted p < ALPHA
-    (the reported interval and the "significant" flag cannot disagree). With no adjustment
-    (p_adjusted = p) it is the plain 95% interval."""
-    d, se, df, p = result.difference[k], result.se[k], result.df[k], result.p[k]
+def compatible_interval(d: float, se: float, df: float, p: float, p_adjusted: float) -> tuple[float, float]:
+    """The interval of a difference d (standard error se, df degrees of freedom, p-value p) at the
+    level where its own p-value meets the family's threshold: confidence 1 - ALPHA * p / p_adjusted,
+    so it excludes 0 exactly when the adjusted p < ALPHA (the reported interval and the "significant"
+    flag cannot disagree). With no adjustment (p_adjusted = p) it is the plain 95% interval."""
     if se == 0 or not np.isfinite(se):
         return d, d
     level = ALPHA * (p / p_adjusted if p_adjusted > 0 else 1.0)
@@ -188,7 +200,12 @@ def compatible_interval(result: seed_stats.ArmDifference, k: int, p_adjusted: fl
 
 
 def compare(
-    entries: list[Entry], resamples: int = 10_000, seed: int = 0, against: int | None = None, adjustment: str = "holm"
+    entries: list[Entry],
+    resamples: int = 10_000,
+    seed: int = 0,
+    against: int | None = None,
+    adjustment: str = "holm",
+    figures: dict[str, FigureSpec] = FIGURES,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Every pair of entries (B vs A, C vs A, ..., C vs B), or each entry against entry
     `against` only, on every headline figure; and notes.
@@ -197,11 +214,12 @@ def compare(
     both sources of chance, the training seeds and the questions resampled by paragraph
     (pipeline/analysis/seed_stats.py), in one t procedure; `adjustment` ('holm' or 'fdr_bh')
     corrects the p-values over the whole report, every comparison x figure, and each interval
-    is the one compatible with that decision. The same inputs and `seed` give the same result."""
+    is the one compatible with that decision; `figures` are the figures compared. The same inputs and
+    `seed` give the same result."""
     if len(entries) < 2:
         raise PipelineError(f"compare needs at least two entries, got {len(entries)} (experiment names, git revisions or `workspace`)")
-    longs = [[cells(t) for t in e.tables] for e in entries]
-    lay, notes = layout([(m, long) for e, ls in zip(entries, longs) for m, long in zip(e.members, ls)])
+    longs = [[cells(t, figures) for t in e.tables] for e in entries]
+    lay, notes = layout([(m, long) for e, ls in zip(entries, longs) for m, long in zip(e.members, ls)], tuple(figures))
     clusters, cluster_notes = clusters_of(lay.ids, [t for e in entries for t in e.tables])
     notes += cluster_notes
     runs = [[matrices(long, lay) for long in ls] for ls in longs]
@@ -210,10 +228,9 @@ def compare(
     pairs = itertools.combinations(enumerate(entries), 2)
     if against is not None:
         pairs = [((against, entries[against]), (j, b)) for j, b in enumerate(entries) if j != against]
-    rows, results = [], []
+    rows = []
     for (i, a), (j, b) in pairs:
         result = seed_stats.difference(runs[i], runs[j], clusters, figure_of, resamples, np.random.default_rng([seed, i, j]))
-        results.append(result)
         for k, figure in enumerate(lay.figures):
             rows.append({
                 "comparison": f"{b.label} vs {a.label}", "figure": figure, "a_label": a.label, "b_label": b.label,
@@ -228,8 +245,7 @@ def compare(
                 notes.append(note)
     table = pd.DataFrame(rows)
     table["p_adjusted"] = seed_stats.adjust(table["p"].to_numpy(), adjustment)
-    figures = len(lay.figures)
-    bounds = [compatible_interval(results[r // figures], r % figures, p_adj) for r, p_adj in enumerate(table["p_adjusted"])]
+    bounds = [compatible_interval(r.difference, r.se, r.df, r.p, r.p_adjusted) for r in table.itertuples()]
     table.insert(table.columns.get_loc("se"), "ci_low", [low for low, _ in bounds])
     table.insert(table.columns.get_loc("se"), "ci_high", [high for _, high in bounds])
     table["significant"] = table["p_adjusted"] < ALPHA

@@ -47,9 +47,11 @@ COMPARED_SCHEMA = pa.schema(
             "recall_at_1",
             "recall_at_10",
             "rank_distance",
+            "own_language_first",
         )
     ]
 )
+OPTIONAL_COLUMNS = ("paragraph", "own_language_first")  # files written before these columns existed still compare
 
 
 def metrics_file(dataset: str) -> str:
@@ -123,7 +125,7 @@ def read_queries(rev: str, path: str, repo: str | None = None, schema: pa.Schema
         local = Path(repo or ".") / path
         if not local.exists():
             raise PipelineError(f"workspace: {path} not found (run `dvc repro evaluate` first)")
-        return read_parquet(local, schema, optional=("paragraph",)).to_pandas()
+        return read_parquet(local, schema, optional=OPTIONAL_COLUMNS).to_pandas()
     import dvc.api
     from dvc.exceptions import DvcException, PathMissingError
     from dvc.scm import RevError
@@ -150,7 +152,7 @@ def read_queries(rev: str, path: str, repo: str | None = None, schema: pa.Schema
         copy = Path(tmp) / Path(path).name
         copy.write_bytes(data)
         try:
-            return read_parquet(copy, schema, optional=("paragraph",)).to_pandas()
+            return read_parquet(copy, schema, optional=OPTIONAL_COLUMNS).to_pandas()
         except PipelineError as err:
             raise PipelineError(str(err).replace(str(copy), f"{rev}:{path}")) from None
 

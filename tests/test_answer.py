@@ -1,0 +1,179 @@
+"""Tests of `answer`, docs/results.md's generated first section: the figures it adds (resource
+classes, language preference), who wins each setting, the page-wide Holm adjustment, the
+verdicts, and the page made again from the committed tables alone."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from pipeline.analysis import answer, compare
+from pipeline.common import PipelineError
+from pipeline.sources import resource_classes
+from tests.helpers import synthetic
+
+LANGS = ["de", "en", "hi", "th"]  # classes 5, 5, 4, 3
+
+
+def arm_runs(shift: float, stream: int, seeds=(1, 2, 3), n_ids: int = 200) -> list[pd.DataFrame]:
+    """Runs of one recipe on shared questions: each seed moves every ap by its own small offset."""
+    rng = np.random.default_rng(0)
+    ids = [f"q{i}" for i in range(n_ids)]
+    latent = rng.beta(2.0, 2.0, n_ids) * 0.9 + 0.05
+    return [synthetic(ids, LANGS, latent, np.random.default_rng([stream, s]), shift + 0.004 * (s - 2)) for s in seeds]
+
+
+def runs_table(arms: dict[str, list[pd.DataFrame]], figures, noise: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for lab, tables in arms.items():
+        for k, table in enumerate(tables):
+            rows.append({"label": lab, "run": f"{lab}-{k}", "seed": 42 + k, "ratio": None, **compare.headline(table, figures)})
+            rows[-1]["noise.typo_0.05.multi_map"] = noise[lab][k]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def page_tables():
+    arms = {"default": arm_runs(0.0, 1), "better": arm_runs(0.08, 2), "same": arm_runs(0.0, 3)}
+    figures = answer.figure_specs(LANGS)
+    noise = {"default": [0.50, 0.51, 0.49], "better": [0.60, 0.61, 0.59], "same": [0.50, 0.52, 0.48]}
+    runs = runs_table(arms, figures, noise)
+    entries = [compare.Entry(lab, [f"{lab}-{k}" for k in range(3)], tables) for lab, tables in arms.items()]
+    return runs, answer.differences(runs, entries, figures, resamples=400, seed=0)
+
+
+def test_class_figures_are_the_macro_average_of_their_languages():
+    figures = answer.figure_specs(LANGS)
+    classes = resource_classes.classes()
+    assert {f for f in figures if f.startswith("class_")} == {f"class_{classes[x]}.{m}" for x in LANGS for m in ("mono_map", "multi_map")}
+    table = arm_runs(0.0, 1)[0]
+    figures_of_run = compare.headline(table, figures)
+    multi = table[table["setting"] == "multi"].groupby("query_lang")["ap"].mean()
+    for k in {classes[x] for x in LANGS}:
+        langs = [x for x in LANGS if classes[x] == k]
+        assert figures_of_run[f"class_{k}.multi_map"] == pytest.approx(multi[langs].mean())
+    own = table[table["setting"] == "multi"].groupby("query_lang")["own_language_first"].mean()
+    assert figures_of_run["language_preference"] == pytest.approx(own.mean())
+
+
+def test_differences_find_a_real_gap_and_welch_for_the_run_level_figures(page_tables):
+    runs, diffs = page_tables
+    gap = answer.difference_of(diffs, "mono_map", "default", "better")
+    assert gap["difference"] == pytest.approx(0.08, abs=0.01) and gap["p"] < 0.01 and gap["variance"] == "seed + question"
+    null = answer.difference_of(diffs, "mono_map", "default", "same")
+    assert abs(null["difference"]) < 0.02 and null["p"] > 0.05
+    assert answer.difference_of(diffs, "mono_map", "better", "default")["difference"] == pytest.approx(-gap["difference"])
+    noise = answer.difference_of(diffs, "noise.typo_0.05.multi_map", "default", "better")
+    expected = stats.ttest_ind([0.60, 0.61, 0.59], [0.50, 0.51, 0.49], equal_var=False)
+    assert noise["variance"] == "seed" and noise["p"] == pytest.approx(expected.pvalue) and noise["difference"] == pytest.approx(0.1)
+    with pytest.raises(PipelineError, match="no difference of mono_map between 'default' and 'absent'"):
+        answer.difference_of(diffs, "mono_map", "default", "absent")
+
+
+def test_winners_take_each_figure_in_its_own_direction(page_tables):
+    runs, diffs = page_tables
+    won = answer.winners(runs, diffs, "default").set_index("figure")
+    assert won.loc["mono_map", "best"] == "better"
+    assert won.loc["mono_map", "lead_difference"] > 0.05
+    assert won.loc["mono_map", "over_default_difference"] == pytest.approx(
+        answer.difference_of(diffs, "mono_map", "default", "better")["difference"]
+    )
+    rank = runs.groupby("label")["rank_distance"].mean()
+    assert won.loc["rank_distance", "best"] == rank.idxmin()  # lower is better
+    if won.loc["rank_distance", "best"] == "default":
+        assert np.isnan(won.loc["rank_distance", "over_default_p"])
+
+
+def test_holm_runs_over_every_table_of_the_page_and_intervals_agree_with_it(page_tables):
+    runs, diffs = page_tables
+    won = answer.winners(runs, diffs, "default")
+    against = answer.against_default(diffs, "default", list(answer.HEADLINE))
+    answer.adjust_page([(won, "lead_"), (against, "")])
+    p_all = np.concatenate([won["lead_p"].to_numpy(float), against["p"].to_numpy(float)])
+    finite = np.isfinite(p_all)
+    expected = multipletests(p_all[finite], method="holm")[1]
+    got = np.concatenate([won["lead_p_adjusted"].to_numpy(float), against["p_adjusted"].to_numpy(float)])[finite]
+    np.testing.assert_allclose(got, expected)
+    for _, r in against.iterrows():
+        excludes_zero = r["low"] > 0 or r["high"] < 0
+        assert excludes_zero == (r["p_adjusted"] < 0.05)
+
+
+def test_verdict_reads_each_figure_in_its_direction():
+    table = pd.DataFrame(
+        {
+            "label": ["a", "a", "b", "c"],
+            "figure": ["mono_map", "rank_distance", "rank_distance", "multi_map"],
+            "difference": [0.02, -30.0, 25.0, 0.001],
+            "p_adjusted": [0.01, 0.01, 0.02, 0.6],
+        }
+    )
+    gains, losses = answer.verdict(table)
+    assert gains == {"a": ["Mo. mAP", "rank distance"]} and losses == {"b": ["rank distance"]}
+    text = answer.verdict_text(table, "default", "On test")
+    assert "better than the default with no significant loss: a (Mo. mAP, rank distance)" in text
+    assert "significantly worse: b (rank distance)" in text and "not told apart from the default: c" in text
+
+
+def test_the_section_replaces_itself_or_goes_first():
+    section = f"{answer.START}\n## New\n{answer.END}\n"
+    fresh = answer.insert_section("# Title\n\nBody.\n", section)
+    assert fresh == f"# Title\n\n{section}\nBody.\n"
+    again = answer.insert_section(fresh, section.replace("New", "Newer"))
+    assert again.count(answer.START) == 1 and "Newer" in again and "## New\n" not in again and again.endswith("Body.\n")
+    with pytest.raises(PipelineError, match="no '<!-- answer:end -->'"):
+        answer.insert_section(f"# T\n\n{answer.START}\nunfinished", section)
+
+
+def test_spec_errors_name_the_file_and_field(tmp_path):
+    spec = tmp_path / "answer.yaml"
+    spec.write_text("page: p.md\nseeds: [1]\ndefault: d\ndirections:\n  - {name: x, title: X, test: xquad_r, arms: [{label: d}]}\n")
+    with pytest.raises(PipelineError, match=r"answer.yaml: arm 'd' of x has no 'runs'"):
+        answer.read_spec(spec)
+    spec.write_text(
+        "page: p.md\nseeds: [1, 2]\ndefault: e\ndirections:\n  - {name: x, title: X, test: xquad_r, arms: [{label: d, runs: 'r-s{seed}'}]}\n"
+    )
+    with pytest.raises(PipelineError, match="answer.yaml: default 'e' is not an arm of direction x"):
+        answer.read_spec(spec)
+    spec.write_text(spec.read_text().replace("default: e", "default: d"))
+    assert answer.read_spec(spec).directions[0].arms[0].runs == ["r-s1", "r-s2"]
+    spec.write_text(
+        "page: p.md\nseeds: [1, 2]\ndefault: d\ndirections:\n  - name: x\n    title: X\n    test: mlqa_r\n    args: -S data.train=xquad_r\n"
+        "    arms: [{label: d, runs: [abc1234]}, {label: e, runs: 'e-s{seed}', args: -S sampler.ratio=0}]\n"
+    )
+    assert answer.commands(answer.read_spec(spec)) == [
+        "# x, d: abc1234 (made earlier)",
+        "dvc exp run --queue -n e-s1 -S data.train=xquad_r -S sampler.ratio=0 -S seed=1",
+        "dvc exp run --queue -n e-s2 -S data.train=xquad_r -S sampler.ratio=0 -S seed=2",
+    ]
+
+
+def test_the_page_is_made_again_from_the_committed_tables_alone(tmp_path, monkeypatch, page_tables):
+    runs, diffs = page_tables
+    (tmp_path / "answer").mkdir()
+    runs.assign(ratio=[0.5] * 3 + [0.0] * 3 + [None] * 3).to_csv(tmp_path / "answer" / "x_test_runs.csv", index=False)
+    diffs.to_csv(tmp_path / "answer" / "x_test_differences.csv", index=False)
+    runs.to_csv(tmp_path / "answer" / "x_dev_runs.csv", index=False)
+    diffs.to_csv(tmp_path / "answer" / "x_dev_differences.csv", index=False)
+    (tmp_path / "answer.yaml").write_text(
+        "page: results.md\nseeds: [42, 43, 44]\ndefault: default\ndirections:\n"
+        "  - name: x\n    title: A to B\n    test: xquad_r\n    arms:\n"
+        "      - {label: default, runs: 'd-s{seed}'}\n      - {label: better, runs: 'b-s{seed}'}\n"
+        "      - {label: same, runs: 's-s{seed}'}\n      - {label: later, runs: 'l-s{seed}'}\n"
+    )
+    (tmp_path / "results.md").write_text("# Results\n\nOlder sections.\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["answer", "answer.yaml", "--from-tables"])
+    answer.main()
+    page = (tmp_path / "results.md").read_text()
+    assert page.startswith("# Results\n\n" + answer.START) and page.endswith("Older sections.\n")
+    assert "| Mo. mAP | better: " in page and "Not run yet: later." in page
+    assert "better than the default with no significant loss: better (" in page
+    assert (tmp_path / "answer" / "x_ratio_sweep.png").stat().st_size > 0
+    answer.main()
+    assert (tmp_path / "results.md").read_text() == page  # the same tables make the same page

@@ -4,16 +4,22 @@ verdicts, and the page made again from the committed tables alone."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from pipeline.analysis import answer, compare
-from pipeline.common import PipelineError
+from pipeline.analysis.runs import COMPARED_SCHEMA
+from pipeline.common import PipelineError, write_parquet
 from pipeline.sources import resource_classes
 from tests.helpers import synthetic
 
@@ -165,6 +171,7 @@ def test_the_page_is_made_again_from_the_committed_tables_alone(tmp_path, monkey
         "  - name: x\n    title: A to B\n    test: xquad_r\n    arms:\n"
         "      - {label: default, runs: 'd-s{seed}'}\n      - {label: better, runs: 'b-s{seed}'}\n"
         "      - {label: same, runs: 's-s{seed}'}\n      - {label: later, runs: 'l-s{seed}'}\n"
+        "  - {name: y, title: B to A, test: mlqa_r, arms: [{label: default, runs: 'y-s{seed}'}]}\n"
     )
     (tmp_path / "results.md").write_text("# Results\n\nOlder sections.\n")
     monkeypatch.chdir(tmp_path)
@@ -173,7 +180,61 @@ def test_the_page_is_made_again_from_the_committed_tables_alone(tmp_path, monkey
     page = (tmp_path / "results.md").read_text()
     assert page.startswith("# Results\n\n" + answer.START) and page.endswith("Older sections.\n")
     assert "| Mo. mAP | better: " in page and "Not run yet: later." in page
+    assert (
+        "### B to A\n\nNot run yet: the default and at least one other of its 1 recipes need a finished run (`--commands` prints the 3"
+        in page
+    )
     assert "better than the default with no significant loss: better (" in page
     assert (tmp_path / "answer" / "x_ratio_sweep.png").stat().st_size > 0
     answer.main()
     assert (tmp_path / "results.md").read_text() == page  # the same tables make the same page
+
+
+def _sh(repo: Path, *cmd: str) -> None:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env)
+
+
+@pytest.mark.slow
+def test_collecting_reads_every_run_of_a_git_dvc_repo(tmp_path, monkeypatch):
+    """Four commits as four runs (two recipes x two seeds), per-query files in DVC and metrics in git,
+    as `dvc exp run` leaves them; an arm whose revisions do not exist is named as not run."""
+    _sh(tmp_path, "git", "init", "-q")
+    _sh(tmp_path, "git", "config", "user.name", "test")
+    _sh(tmp_path, "git", "config", "user.email", "test@example.com")
+    _sh(tmp_path, sys.executable, "-m", "dvc", "init", "-q")
+    base = arm_runs(0.0, 1, seeds=(1, 2), n_ids=40)
+    for k, (recipe, seed, shift) in enumerate((("a", 1, 0.0), ("a", 2, 0.0), ("b", 1, 0.05), ("b", 2, 0.05))):
+        table = base[seed - 1].assign(ap=base[seed - 1]["ap"] + shift)
+        for folder, name in (("eval_queries", "xquad_r"), ("dev_queries", "dev")):
+            (tmp_path / "metrics" / folder).mkdir(parents=True, exist_ok=True)
+            write_parquet(
+                pa.Table.from_pandas(table, schema=COMPARED_SCHEMA, preserve_index=False), tmp_path / "metrics" / folder / f"{name}.parquet"
+            )
+        noise = {"clean": {"multi_map": 0.6}, "typo_0.05": {"multi_map": 0.5 + shift + 0.01 * seed, "multi_drop": 0.1}}
+        (tmp_path / "metrics/eval.json").write_text(json.dumps({"xquad_r": {"noise": noise}}))
+        (tmp_path / "params.yaml").write_text(f"seed: {seed}\nrecipe: {recipe}\n")
+        _sh(tmp_path, sys.executable, "-m", "dvc", "add", "-q", "metrics/eval_queries", "metrics/dev_queries")
+        _sh(tmp_path, "git", "add", "-A")
+        _sh(tmp_path, "git", "commit", "-qm", f"run {k}")
+        _sh(tmp_path, "git", "tag", f"{recipe}-s{seed}")
+    (tmp_path / "results.md").write_text("# Results\n\nOlder.\n")
+    (tmp_path / "answer.yaml").write_text(
+        "page: results.md\nseeds: [1, 2]\ndefault: a\ndirections:\n  - name: x\n    title: X\n    test: xquad_r\n    arms:\n"
+        "      - {label: a, runs: 'a-s{seed}'}\n      - {label: b, runs: 'b-s{seed}', args: -S recipe=b}\n"
+        "      - {label: c, runs: 'c-s{seed}', args: -S recipe=c}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["answer", "answer.yaml", "--resamples", "300"])
+    answer.main()
+    runs = pd.read_csv(tmp_path / "answer/x_test_runs.csv")
+    assert list(runs["run"]) == ["a-s1", "a-s2", "b-s1", "b-s2"] and list(runs["seed"]) == [1, 2, 1, 2]
+    assert runs["noise.typo_0.05.multi_map"].tolist() == pytest.approx([0.51, 0.52, 0.56, 0.57])
+    diffs = pd.read_csv(tmp_path / "answer/x_test_differences.csv")
+    assert answer.difference_of(diffs, "mono_map", "a", "b")["difference"] == pytest.approx(0.05)
+    assert answer.difference_of(diffs, "noise.typo_0.05.multi_map", "a", "b")["difference"] == pytest.approx(0.05)
+    dev = pd.read_csv(tmp_path / "answer/x_dev_differences.csv")
+    assert answer.difference_of(dev, "multi_map", "a", "b")["difference"] == pytest.approx(0.05)
+    assert not dev["figure"].str.startswith("noise.").any()  # the dev split has no noise report
+    page = (tmp_path / "results.md").read_text()
+    assert "Not run yet: c." in page and "| Mo. mAP | b: " in page

@@ -182,7 +182,7 @@ def differences(runs: pd.DataFrame, entries: list[compare.Entry], figures, resam
     return pd.concat([table, pd.DataFrame(rows)], ignore_index=True) if rows else table
 
 
-def collect(direction: Direction, split: str, resamples: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def collect(direction: Direction, split: str, default: str, resamples: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(per-run figures, pairwise differences, arms not run yet) of one direction and split, read from the runs."""
     import json
 
@@ -200,8 +200,8 @@ def collect(direction: Direction, split: str, resamples: int, seed: int) -> tupl
             except PipelineError:
                 continue  # not run (yet), or not in this clone's cache
         (found if tables else missing).append((arm, tables))
-    if len(found) < 2:
-        raise PipelineError(f"{direction.name} {split}: fewer than two arms have a finished run")
+    if len(found) < 2 or default not in [arm.label for arm, _ in found]:
+        raise PipelineError(f"{direction.name} {split}: the default and at least one other recipe need a finished run")
     langs = sorted(set().union(*(set(t["query_lang"]) for _, tables in found for t in tables.values())))
     figures = figure_specs(langs)
     rows = []
@@ -472,7 +472,13 @@ def render(spec: Spec, tables: dict, missing: dict) -> str:
         f"[{spec.folder.name}/]({spec.folder.name}/) (`--from-tables` redoes the page alone).",
         "",
     ]
-    parts = [direction_markdown(spec, d, tables[d.name], missing.get(d.name, [])) for d in spec.directions if d.name in tables]
+    parts = [
+        direction_markdown(spec, d, tables[d.name], missing.get(d.name, []))
+        if d.name in tables
+        else f"### {d.title}\n\nNot run yet: the default and at least one other of its {len(d.arms)} recipes need a finished run "
+        f"(`--commands` prints the {sum(len(a.runs) for a in d.arms if a.named)} `dvc exp run` lines).\n"
+        for d in spec.directions
+    ]
     return "\n".join(head) + "\n" + "\n\n".join(parts) + "\n" + END + "\n"
 
 
@@ -507,7 +513,7 @@ def main() -> None:
             diffs_path = spec.folder / f"{direction.name}_{split}_differences.csv"
             if not args.from_tables:
                 try:
-                    runs, diffs, missing[direction.name] = collect(direction, split, args.resamples, args.seed)
+                    runs, diffs, missing[direction.name] = collect(direction, split, spec.default, args.resamples, args.seed)
                 except PipelineError as err:
                     print(f"{direction.name} {split}: {err}")
                     continue

@@ -16,9 +16,9 @@ out and named as such. `--from-tables` skips collecting: the page is made from t
 alone, so anyone can regenerate it without the experiments.
 
 The page: for each direction and setting, the best arm by its mean over seeds, its lead over the
-runner-up and over the default with intervals, p-values adjusted by Holm over every test the page
-shows (each interval the one compatible with that decision, as in compare.py), the smallest
-difference the seeds at hand detect with 80% power; the ratio sweep plot (each figure against
+runner-up and over the default with intervals, p-values adjusted by Holm within each family of tests
+(a column of decisions), each interval the one compatible with that decision (as in compare.py), the
+smallest difference the seeds at hand detect with 80% power; the ratio sweep plot (each figure against
 `sampler.ratio`, 95% t intervals over seeds); and, on dev, each arm against the default, which is
 where a change of the default would be decided.
 """
@@ -305,10 +305,13 @@ def interval(figure: str, d: float, low: float, high: float, p_adjusted: float) 
     return f"**{text}**" if p_adjusted < compare.ALPHA else text
 
 
-def detectable(runs: pd.DataFrame, figure: str, n: int) -> float:
-    """The smallest true difference of a figure that n seeds per arm detect (80% power, 0.05), from
-    the seed sd pooled over this table's arms of several runs; NaN where none has two."""
-    sd = seed_stats.pooled_seed_sd(runs[["label", figure]].dropna(), "label").get(figure)
+def detectable(runs: pd.DataFrame, figure: str, labels: list[str]) -> float:
+    """The smallest true difference of a figure that the arms `labels` detect with the seeds they
+    have (the fewest of them; 80% power, two-sided 0.05, seed variance only), from their seed sd
+    pooled; NaN where neither has two runs."""
+    own = runs[runs["label"].isin(labels)][["label", figure]].dropna()
+    sd = seed_stats.pooled_seed_sd(own, "label").get(figure)
+    n = int(own.groupby("label").size().min()) if len(own) else 0
     if sd is None or n < 2 or not np.isfinite(sd):
         return float("nan")
     return float(seed_stats.power_table({figure: sd}, seeds=(n,)).iloc[0, 0])
@@ -329,10 +332,9 @@ def winners_markdown(table: pd.DataFrame, runs: pd.DataFrame, default: str) -> s
             if r["best"] == default
             else interval(f, r["over_default_difference"], r["over_default_low"], r["over_default_high"], r["over_default_p_adjusted"])
         )
-        n = int(min(r["best_n"], r["runner_up_n"]))
         lines.append(
             f"| {label(f)}{' (lower is better)' if lower_better(f) else ''} | {r['best']}: {fmt(f, r['best_mean'])}{sd} ({int(r['best_n'])}) | "
-            f"{r['runner_up']}: {fmt(f, r['runner_up_mean'])} | {lead} | {decided} | {over} | {fmt(f, detectable(runs, f, n))} |"
+            f"{r['runner_up']}: {fmt(f, r['runner_up_mean'])} | {lead} | {decided} | {over} | {fmt(f, detectable(runs, f, [r['best'], r['runner_up']]))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -416,12 +418,14 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
     if "test" in tables:
         runs, diffs = tables["test"]
         won, against = winners(runs, diffs, spec.default), against_default(diffs, spec.default, list(HEADLINE))
-        adjust_page([(won, "lead_"), (won, "over_default_"), (against, "")])
+        for table, prefix in ((won, "lead_"), (won, "over_default_"), (against, "")):
+            adjust_page([(table, prefix)])  # each column of decisions is its own family
         seeds = sorted({int(s) for s in runs["seed"].dropna()})
         text.append(
             f"Test set {direction.test}: {len(runs)} runs of {runs['label'].nunique()} recipes, seeds {', '.join(map(str, seeds))} "
             f"(per-run figures: [{direction.name}_test_runs.csv]({spec.folder.name}/{direction.name}_test_runs.csv)); Holm over "
-            f"the {int(np.isfinite(won['lead_p']).sum() + np.isfinite(won['over_default_p']).sum()) + len(against)} tests of the two tables below."
+            f"the {int(np.isfinite(won['lead_p']).sum())} tests of best − runner-up, the {int(np.isfinite(won['over_default_p']).sum())} "
+            f"of best − default and the {len(against)} of recipe − default, each family on its own."
             + (f" Not run yet: {', '.join(missing)}." if missing else "")
         )
         text += [
@@ -464,10 +468,12 @@ def render(spec: Spec, tables: dict, missing: dict) -> str:
         f"Every recipe against every other, on each setting: the best by its mean over seeds, its lead over the runner-up and over "
         f"the default ({spec.default}) with the interval that carries both the training seeds' and the questions' variance "
         "(paragraph-clustered bootstrap + seed variance, Satterthwaite t; pipeline/analysis/seed_stats.py). Mul. mAP under query "
-        "noise exists per run only: its intervals carry the seeds' variance (Welch's t). p-values are adjusted by Holm over every "
-        'test of a direction\'s test-set tables together (and of its dev table), and an interval in bold excludes 0 after that adjustment; "decided? no" means the '
-        'seeds and questions at hand cannot tell the best from the runner-up. "seeds detect": the smallest true difference the '
-        "arms' seeds detect with 80% power (seed variance only). Chosen on dev, reported on test. Made by "
+        "noise exists per run only: its intervals carry the seeds' variance (Welch's t). p-values are adjusted by Holm within each "
+        "family of tests (a column of decisions: best − runner-up, best − default, recipe − default on test, on dev), and each "
+        "interval is the one compatible with that decision: in bold, it excludes 0 after the adjustment. With 3 seeds an arm the t "
+        'has 2 to 4 degrees of freedom, so these intervals are wide. "decided? no" means the seeds and questions at hand cannot '
+        'tell the best from the runner-up; "seeds detect": the smallest true difference the two arms\' seeds detect with 80% '
+        "power at an unadjusted 0.05 (seed variance only): what more seeds would buy. Chosen on dev, reported on test. Made by "
         "`python -m pipeline.analysis.answer docs/results/answer.yaml` from the committed tables in "
         f"[{spec.folder.name}/]({spec.folder.name}/) (`--from-tables` redoes the page alone).",
         "",

@@ -128,10 +128,11 @@ def test_verdict_reads_each_figure_in_its_direction():
 
 def test_the_section_replaces_itself_or_goes_first():
     section = f"{answer.START}\n## New\n{answer.END}\n"
-    fresh = answer.insert_section("# Title\n\nBody.\n", section)
-    assert fresh == f"# Title\n\n{section}\nBody.\n"
+    fresh = answer.insert_section("# Title\n\nIntroduction.\n\n## Older\n\nBody.\n", section)
+    assert fresh == f"# Title\n\nIntroduction.\n\n{section}\n## Older\n\nBody.\n"
+    assert answer.insert_section("# Title\n\nIntroduction.\n", section) == f"# Title\n\nIntroduction.\n\n{section}"
     again = answer.insert_section(fresh, section.replace("New", "Newer"))
-    assert again.count(answer.START) == 1 and "Newer" in again and "## New\n" not in again and again.endswith("Body.\n")
+    assert again.count(answer.START) == 1 and "Newer" in again and "## New\n" not in again and again.endswith("## Older\n\nBody.\n")
     with pytest.raises(PipelineError, match="no '<!-- answer:end -->'"):
         answer.insert_section(f"# T\n\n{answer.START}\nunfinished", section)
 
@@ -173,13 +174,13 @@ def test_the_page_is_made_again_from_the_committed_tables_alone(tmp_path, monkey
         "      - {label: same, runs: 's-s{seed}'}\n      - {label: later, runs: 'l-s{seed}'}\n"
         "  - {name: y, title: B to A, test: mlqa_r, arms: [{label: default, runs: 'y-s{seed}'}]}\n"
     )
-    (tmp_path / "results.md").write_text("# Results\n\nOlder sections.\n")
+    (tmp_path / "results.md").write_text("# Results\n\n## Older\n\nOlder sections.\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["answer", "answer.yaml", "--from-tables"])
     answer.main()
     page = (tmp_path / "results.md").read_text()
-    assert page.startswith("# Results\n\n" + answer.START) and page.endswith("Older sections.\n")
-    assert "| Mo. mAP | better: " in page and "Not run yet: later." in page
+    assert page.startswith("# Results\n\n" + answer.START) and page.endswith("## Older\n\nOlder sections.\n")
+    assert "| Mo. mAP | better: " in page and "Not run yet: later." in page and "![ratio sweep](answer/x_ratio_sweep.png)" in page
     assert (
         "### B to A\n\nNot run yet: the default and at least one other of its 1 recipes need a finished run (`--commands` prints the 3"
         in page

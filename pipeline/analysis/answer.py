@@ -26,6 +26,7 @@ where a change of the default would be decided.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,11 @@ class Spec:
     directions: list[Direction]
     folder: Path  # where the tables and plots go: beside the spec
     page: Path  # the Markdown file whose first section is generated
+
+    @property
+    def link(self) -> str:
+        """The folder as the page links to it (relative to the page's own folder)."""
+        return Path(os.path.relpath(self.folder, self.page.parent)).as_posix()
 
 
 def read_spec(path: Path) -> Spec:
@@ -423,7 +429,7 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
         seeds = sorted({int(s) for s in runs["seed"].dropna()})
         text.append(
             f"Test set {direction.test}: {len(runs)} runs of {runs['label'].nunique()} recipes, seeds {', '.join(map(str, seeds))} "
-            f"(per-run figures: [{direction.name}_test_runs.csv]({spec.folder.name}/{direction.name}_test_runs.csv)); Holm over "
+            f"(per-run figures: [{direction.name}_test_runs.csv]({spec.link}/{direction.name}_test_runs.csv)); Holm over "
             f"the {int(np.isfinite(won['lead_p']).sum())} tests of best − runner-up, the {int(np.isfinite(won['over_default_p']).sum())} "
             f"of best − default and the {len(against)} of recipe − default, each family on its own."
             + (f" Not run yet: {', '.join(missing)}." if missing else "")
@@ -442,7 +448,7 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
             plot_ratio_sweep(
                 runs, sweep_path, f"{direction.title}: hybrid schedule, each figure against the ratio (95% t interval over seeds)"
             )
-            text += [f"![ratio sweep]({spec.folder.name}/{sweep_path.name})", ""]
+            text += [f"![ratio sweep]({spec.link}/{sweep_path.name})", ""]
     if "dev" in tables:
         dev_runs, dev_diffs = tables["dev"]
         dev = against_default(dev_diffs, spec.default, list(HEADLINE))
@@ -475,7 +481,7 @@ def render(spec: Spec, tables: dict, missing: dict) -> str:
         'tell the best from the runner-up; "seeds detect": the smallest true difference the two arms\' seeds detect with 80% '
         "power at an unadjusted 0.05 (seed variance only): what more seeds would buy. Chosen on dev, reported on test. Made by "
         "`python -m pipeline.analysis.answer docs/results/answer.yaml` from the committed tables in "
-        f"[{spec.folder.name}/]({spec.folder.name}/) (`--from-tables` redoes the page alone).",
+        f"[{spec.link}/]({spec.link}/) (`--from-tables` redoes the page alone).",
         "",
     ]
     parts = [
@@ -489,15 +495,16 @@ def render(spec: Spec, tables: dict, missing: dict) -> str:
 
 
 def insert_section(page: str, section: str) -> str:
-    """The page with its generated section replaced, or put first after the title where there is none."""
+    """The page with its generated section replaced, or, where it has none, put first: before the
+    page's first `## ` section (after its title and introduction)."""
     if START in page:
         before, _, rest = page.partition(START)
         _, sep, after = rest.partition(END)
         if not sep:
             raise PipelineError(f"the page has '{START}' but no '{END}'")
         return before + section.rstrip("\n") + after
-    title, sep, body = page.partition("\n\n")
-    return title + sep + section + "\n" + body
+    head, sep, body = page.partition("\n## ")
+    return head.rstrip("\n") + "\n\n" + section + ("\n## " + body if sep else "")
 
 
 def main() -> None:

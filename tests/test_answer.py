@@ -239,3 +239,20 @@ def test_collecting_reads_every_run_of_a_git_dvc_repo(tmp_path, monkeypatch):
     assert not dev["figure"].str.startswith("noise.").any()  # the dev split has no noise report
     page = (tmp_path / "results.md").read_text()
     assert "Not run yet: c." in page and "| Mo. mAP | b: " in page
+
+
+def test_the_ratio_trend_is_the_slope_below_ratio_one():
+    rng = np.random.default_rng(0)
+    ratios = np.repeat([0.0, 0.25, 0.5, 0.75, 1.0], 3)
+    runs = pd.DataFrame(
+        {
+            "ratio": ratios,
+            "mono_map": 0.8 + 0.04 * ratios + rng.normal(0, 0.002, len(ratios)),
+            "multi_map": np.where(ratios == 1, 0.3, 0.6) + rng.normal(0, 0.002, len(ratios)),  # flat, then a collapse at 1
+        }
+    )
+    trend = answer.ratio_trend(runs, ["mono_map", "multi_map"]).set_index("figure")
+    assert trend.loc["mono_map", "per_step"] == pytest.approx(0.01, abs=0.002)
+    assert trend.loc["mono_map", "low"] < 0.01 < trend.loc["mono_map", "high"] and trend.loc["mono_map", "p_adjusted"] < 0.01
+    assert trend.loc["multi_map", "p_adjusted"] > 0.05 and (trend["runs"] == 12).all()  # ratio 1 left out
+    assert "| Mo. mAP | **+0.010 [" in answer.trend_markdown(trend.reset_index(), 0.25, [0, 0.25, 0.5, 0.75])

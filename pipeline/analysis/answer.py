@@ -389,6 +389,53 @@ def verdict_text(table: pd.DataFrame, default: str, where: str) -> str:
     return f"{where}, against the default:\n\n" + "\n".join(f"- {part}" for part in parts) + "\n"
 
 
+def ratio_trend(runs: pd.DataFrame, figures: list[str], step: float = 0.25, below: float = 1.0) -> pd.DataFrame:
+    """What each `step` of sampler.ratio buys, per figure: the OLS slope of the runs' figures on the
+    ratio (statsmodels), over the arms with a ratio below `below` (ratio 1, X-X-mono, has no
+    cross-lingual batch at all and leaves the line: it is compared pairwise instead), with its 95%
+    interval and Holm-adjusted p over the figures. Runs are the units: seed variance, not question
+    variance (every run answers the same questions)."""
+    import statsmodels.api as sm
+
+    sweep = runs[runs["ratio"].notna() & (runs["ratio"] < below)]
+    rows = []
+    for figure in figures:
+        data = sweep[["ratio", figure]].dropna()
+        if data["ratio"].nunique() < 2 or len(data) < 3:
+            continue
+        fit = sm.OLS(data[figure].to_numpy(float), sm.add_constant(data["ratio"].to_numpy(float))).fit()
+        low, high = fit.conf_int()[1]
+        rows.append(
+            {
+                "figure": figure,
+                "per_step": fit.params[1] * step,
+                "low": low * step,
+                "high": high * step,
+                "p": fit.pvalues[1],
+                "runs": len(data),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["p_adjusted"] = seed_stats.adjust(table["p"].to_numpy())
+    return table
+
+
+def trend_markdown(table: pd.DataFrame, step: float, ratios: list[float]) -> str:
+    lines = [
+        f"What each +{step:g} of `sampler.ratio` buys (OLS slope over the {int(table['runs'].max())} runs at ratios "
+        f"{', '.join(f'{r:g}' for r in ratios)}; 95% interval, seed variance; Holm over the {len(table)} figures; bold: adjusted p < 0.05):",
+        "",
+        "| figure | per +" + f"{step:g} of ratio | adjusted p |",
+        "|---|---|---:|",
+    ]
+    for _, r in table.iterrows():
+        f = r["figure"]
+        text = f"{fmt(f, r['per_step'], True)} [{fmt(f, r['low'], True)}, {fmt(f, r['high'], True)}]"
+        lines.append(f"| {label(f)} | {f'**{text}**' if r['p_adjusted'] < compare.ALPHA else text} | {r['p_adjusted']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_ratio_sweep(runs: pd.DataFrame, path: Path, title: str):
     """Each headline figure against sampler.ratio (the hybrid arms that have one): seed mean and its 95%
     t interval (seed variance). Returns the matplotlib figure (closed) for inspection."""
@@ -449,6 +496,10 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
                 runs, sweep_path, f"{direction.title}: hybrid schedule, each figure against the ratio (95% t interval over seeds)"
             )
             text += [f"![ratio sweep]({spec.link}/{sweep_path.name})", ""]
+            trend = ratio_trend(runs, [f for f in dict.fromkeys(diffs["figure"])])
+            if len(trend):
+                ratios = sorted(runs.loc[runs["ratio"].notna() & (runs["ratio"] < 1), "ratio"].unique())
+                text += [trend_markdown(trend, 0.25, ratios)]
     if "dev" in tables:
         dev_runs, dev_diffs = tables["dev"]
         dev = against_default(dev_diffs, spec.default, list(HEADLINE))

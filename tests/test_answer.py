@@ -213,7 +213,10 @@ def test_collecting_reads_every_run_of_a_git_dvc_repo(tmp_path, monkeypatch):
                 pa.Table.from_pandas(table, schema=COMPARED_SCHEMA, preserve_index=False), tmp_path / "metrics" / folder / f"{name}.parquet"
             )
         noise = {"clean": {"multi_map": 0.6}, "typo_0.05": {"multi_map": 0.5 + shift + 0.01 * seed, "multi_drop": 0.1}}
-        (tmp_path / "metrics/eval.json").write_text(json.dumps({"xquad_r": {"noise": noise}}))
+        (tmp_path / "metrics/eval.json").write_text(
+            json.dumps({"xquad_r": {"noise": noise}, "machine": {"cpu": "Xeon", "precision": "fp32"}})
+        )
+        (tmp_path / "metrics/dev.json").write_text(json.dumps({"dev": {}}))
         (tmp_path / "params.yaml").write_text(f"seed: {seed}\nrecipe: {recipe}\n")
         _sh(tmp_path, sys.executable, "-m", "dvc", "add", "-q", "metrics/eval_queries", "metrics/dev_queries")
         _sh(tmp_path, "git", "add", "-A")
@@ -238,7 +241,8 @@ def test_collecting_reads_every_run_of_a_git_dvc_repo(tmp_path, monkeypatch):
     assert answer.difference_of(dev, "multi_map", "a", "b")["difference"] == pytest.approx(0.05)
     assert not dev["figure"].str.startswith("noise.").any()  # the dev split has no noise report
     page = (tmp_path / "results.md").read_text()
-    assert "Not run yet: c." in page and "| Mo. mAP | b: " in page
+    assert "Not run yet: c." in page and "| Mo. mAP | b: " in page and "Machine: Xeon, fp32." in page
+    assert set(runs["machine"]) == {"Xeon, fp32"}
 
 
 def test_the_ratio_trend_is_the_slope_below_ratio_one():

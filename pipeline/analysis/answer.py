@@ -170,6 +170,12 @@ def noise_figures(metrics: dict, dataset: str) -> dict[str, float]:
     return {f"noise.{name}.multi_map": float(v["multi_map"]) for name, v in noise.items() if name != "clean" and isinstance(v, dict)}
 
 
+def machine_of(metrics: dict) -> str:
+    """'AMD EPYC, bf16': the CPU (or GPU) and precision a run's metrics file names; '' for files from before."""
+    machine = metrics.get("machine") or {}
+    return ", ".join(str(machine[k]) for k in ("cpu", "precision") if machine.get(k))
+
+
 def differences(runs: pd.DataFrame, entries: list[compare.Entry], figures, resamples: int, seed: int) -> pd.DataFrame:
     """Every pair of arms on every figure: per-query figures with seed and question variance
     (compare.compare), the per-run-only ones (noise) by Welch's t. Raw p-values: the page adjusts."""
@@ -213,10 +219,10 @@ def collect(direction: Direction, split: str, default: str, resamples: int, seed
     rows = []
     for arm, tables in found:
         for rev, table in tables.items():
-            metrics = json.loads(dvc.api.read(metrics_file, rev=rev)) if split == "test" else {}
+            metrics = json.loads(dvc.api.read(metrics_file, rev=rev))
             rows.append({
                 "label": arm.label, "run": rev, "commit": commit_of(rev), "seed": params_at(rev).get("seed"), "ratio": arm.ratio,
-                **compare.headline(table, figures), **noise_figures(metrics, dataset),
+                "machine": machine_of(metrics), **compare.headline(table, figures), **noise_figures(metrics, dataset),
             })  # fmt: skip
     runs = pd.DataFrame(rows)
     entries = [compare.Entry(arm.label, list(tables), list(tables.values())) for arm, tables in found]
@@ -474,11 +480,13 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
         for table, prefix in ((won, "lead_"), (won, "over_default_"), (against, "")):
             adjust_page([(table, prefix)])  # each column of decisions is its own family
         seeds = sorted({int(s) for s in runs["seed"].dropna()})
+        machines = sorted({m for m in runs.get("machine", pd.Series(dtype=str)).dropna() if m})
         text.append(
             f"Test set {direction.test}: {len(runs)} runs of {runs['label'].nunique()} recipes, seeds {', '.join(map(str, seeds))} "
             f"(per-run figures: [{direction.name}_test_runs.csv]({spec.link}/{direction.name}_test_runs.csv)); Holm over "
             f"the {int(np.isfinite(won['lead_p']).sum())} tests of best − runner-up, the {int(np.isfinite(won['over_default_p']).sum())} "
             f"of best − default and the {len(against)} of recipe − default, each family on its own."
+            + (f" Machine: {'; '.join(machines)}." if machines else "")
             + (f" Not run yet: {', '.join(missing)}." if missing else "")
         )
         text += [
@@ -532,7 +540,7 @@ def render(spec: Spec, tables: dict, missing: dict) -> str:
         'tell the best from the runner-up; "seeds detect": the smallest true difference the two arms\' seeds detect with 80% '
         "power at an unadjusted 0.05 (seed variance only): what more seeds would buy. Chosen on dev, reported on test. Made by "
         "`python -m pipeline.analysis.answer docs/results/answer.yaml` from the committed tables in "
-        f"[{spec.link}/]({spec.link}/) (`--from-tables` redoes the page alone).",
+        f"[{spec.link}/]({spec.link}/) (`--from-tables` redoes the page alone; `--commands` prints every run's `dvc exp run` line).",
         "",
     ]
     parts = [

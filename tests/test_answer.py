@@ -121,7 +121,7 @@ def test_verdict_reads_each_figure_in_its_direction():
     )
     gains, losses = answer.verdict(table)
     assert gains == {"a": ["Mo. mAP", "rank distance"]} and losses == {"b": ["rank distance"]}
-    text = answer.verdict_text(table, "default", "On test")
+    text = answer.verdict_text(table, "On test")
     assert "better than the default with no significant loss: a (Mo. mAP, rank distance)" in text
     assert "significantly worse: b (rank distance)" in text and "not told apart from the default: c" in text
 

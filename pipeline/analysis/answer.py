@@ -374,7 +374,7 @@ def verdict(table: pd.DataFrame) -> tuple[dict[str, list[str]], dict[str, list[s
     return gains, losses
 
 
-def verdict_text(table: pd.DataFrame, default: str, where: str) -> str:
+def verdict_text(table: pd.DataFrame, where: str) -> str:
     """A list: who beats the default (and loses nothing), who trades, who only loses, who is not told apart."""
     gains, losses = verdict(table)
     winners_ = [lab for lab in gains if lab not in losses]
@@ -495,7 +495,7 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
             "What each recipe buys over the default, on test:",
             "",
             against_markdown(against, runs, list(HEADLINE)),
-            verdict_text(against, spec.default, "On test"),
+            verdict_text(against, "On test"),
             "",
         ]
         if runs.dropna(subset=["ratio"])["ratio"].nunique() > 1:
@@ -512,13 +512,14 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
         dev_runs, dev_diffs = tables["dev"]
         dev = against_default(dev_diffs, spec.default, list(HEADLINE))
         adjust_page([(dev, "")])
+        gains, losses = verdict(dev)
         text += [
             f"On the dev split, where the default is chosen (Holm over these {len(dev)} tests): a recipe replaces the default only with a "
             "bold gain here and no bold loss.",
             "",
             against_markdown(dev, dev_runs, list(HEADLINE)),
-            verdict_text(dev, spec.default, "On dev"),
-            "The default stays." if all(lab in verdict(dev)[1] for lab in verdict(dev)[0]) else "The default would change: see above.",
+            verdict_text(dev, "On dev"),
+            "The default stays." if all(lab in losses for lab in gains) else "The default would change: see above.",
             "",
         ]
     return "\n".join(text)

@@ -151,12 +151,12 @@ def test_spec_errors_name_the_file_and_field(tmp_path):
     assert answer.read_spec(spec).directions[0].arms[0].runs == ["r-s1", "r-s2"]
     spec.write_text(
         "page: p.md\nseeds: [1, 2]\ndefault: d\ndirections:\n  - name: x\n    title: X\n    test: mlqa_r\n    args: -S data.train=xquad_r\n"
-        "    arms: [{label: d, runs: [abc1234]}, {label: e, runs: 'e-s{seed}', args: -S sampler.ratio=0}]\n"
+        "    targets: evaluate@retriever\n    arms: [{label: d, runs: [abc1234]}, {label: e, runs: 'e-s{seed}', args: -S sampler.ratio=0}]\n"
     )
     assert answer.commands(answer.read_spec(spec)) == [
         "# x, d: abc1234 (made earlier)",
-        "dvc exp run --queue -n e-s1 -S data.train=xquad_r -S sampler.ratio=0 -S seed=1",
-        "dvc exp run --queue -n e-s2 -S data.train=xquad_r -S sampler.ratio=0 -S seed=2",
+        "dvc exp run --queue -n e-s1 -S data.train=xquad_r -S sampler.ratio=0 -S seed=1 evaluate@retriever",
+        "dvc exp run --queue -n e-s2 -S data.train=xquad_r -S sampler.ratio=0 -S seed=2 evaluate@retriever",
     ]
 
 

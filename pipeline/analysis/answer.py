@@ -62,6 +62,7 @@ class Direction:
     test: str  # the test dataset (the per-query file metrics/eval_queries/<test>.parquet)
     arms: list[Arm] = field(default_factory=list)
     args: str = ""  # the `-S` overrides every run of the direction has (its training and test data)
+    targets: str = ""  # the stages its runs reproduce (`dvc exp run` targets); "" = the whole pipeline
 
 
 @dataclass
@@ -104,7 +105,7 @@ def read_spec(path: Path) -> Spec:
             runs = [runs.format(seed=s) for s in seeds] if named else [str(r) for r in runs]
             arms.append(Arm(label, runs, a.get("ratio"), a.get("args") or "", named))
         title, test = need(d, "title", f"direction {name}"), need(d, "test", f"direction {name}")
-        directions.append(Direction(name, title, test, arms, d.get("args") or ""))
+        directions.append(Direction(name, title, test, arms, d.get("args") or "", d.get("targets") or ""))
     default = need(raw, "default", "the spec")
     for d in directions:
         if default not in [a.label for a in d.arms]:
@@ -122,7 +123,7 @@ def commands(spec: Spec) -> list[str]:
                 lines.append(f"# {d.name}, {arm.label}: {', '.join(arm.runs)} (made earlier)")
                 continue
             for seed, run in zip(spec.seeds, arm.runs):
-                lines.append(" ".join(x for x in ("dvc exp run --queue -n", run, d.args, arm.args, f"-S seed={seed}") if x))
+                lines.append(" ".join(x for x in ("dvc exp run --queue -n", run, d.args, arm.args, f"-S seed={seed}", d.targets) if x))
     return lines
 
 
@@ -472,6 +473,8 @@ def direction_markdown(spec: Spec, direction: Direction, tables: dict[str, tuple
     text = [f"### {direction.title}", ""]
     if direction.args:
         text += [f"Every run: `{direction.args}`.", ""]
+    if direction.targets:
+        text += [f"Stages reproduced by each run: `{direction.targets}` (with what they depend on).", ""]
     text += ["| recipe | made from the default by |", "|---|---|"]
     text += [f"| {arm.label} | {f'`{arm.args}`' if arm.args else '(the default)'} |" for arm in direction.arms] + [""]
     if "test" in tables:

@@ -126,6 +126,20 @@ def test_verdict_reads_each_figure_in_its_direction():
     assert "significantly worse: b (rank distance)" in text and "not told apart from the default: c" in text
 
 
+def test_each_recipe_against_the_default_states_what_its_seeds_detect(page_tables):
+    runs, diffs = page_tables
+    table = answer.against_default(diffs, "default", list(answer.HEADLINE))
+    answer.adjust_page([(table, "")])
+    lines = answer.against_markdown(table, runs, list(answer.HEADLINE), "default").splitlines()
+    assert lines[0].endswith("| seeds detect (Mo. mAP / Cr. mAP / Mul. mAP) |")
+    detect = [answer.detectable(runs, f, ["better", "default"]) for f in ("mono_map", "cross_map", "multi_map")]
+    assert all(np.isfinite(detect)) and len(set(detect)) == 3
+    better = next(line for line in lines if line.startswith("| better | 3 |"))
+    assert better.endswith(" | " + " / ".join(f"{d:.3f}" for d in detect) + " |")
+    fewer = runs[~((runs["label"] == "better") & (runs["seed"] == 44))]  # one seed fewer: the same sd detects only a larger gap
+    assert answer.detectable(fewer, "mono_map", ["better", "default"]) > detect[0]
+
+
 def test_the_section_replaces_itself_or_goes_first():
     section = f"{answer.START}\n## New\n{answer.END}\n"
     fresh = answer.insert_section("# Title\n\nIntroduction.\n\n## Older\n\nBody.\n", section)
@@ -153,8 +167,13 @@ def test_spec_errors_name_the_file_and_field(tmp_path):
         "page: p.md\nseeds: [1, 2]\ndefault: d\ndirections:\n  - name: x\n    title: X\n    test: mlqa_r\n    args: -S data.train=xquad_r\n"
         "    targets: evaluate@retriever\n    arms: [{label: d, runs: [abc1234]}, {label: e, runs: 'e-s{seed}', args: -S sampler.ratio=0}]\n"
     )
+    with pytest.raises(PipelineError, match="answer.yaml: arm 'd' of x has 1 runs for 2 seeds"):
+        answer.read_spec(spec)
+    spec.write_text(spec.read_text().replace("runs: [abc1234]", "seeds: [1, 2, 3], runs: [abc1234, d-s2, 'd-s{seed}']"))
+    assert answer.read_spec(spec).directions[0].arms[0].seeds == [1, 2, 3]
     assert answer.commands(answer.read_spec(spec)) == [
-        "# x, d: abc1234 (made earlier)",
+        "# x, d: abc1234, d-s2 (made earlier)",
+        "dvc exp run --queue -n d-s3 -S data.train=xquad_r -S seed=3 evaluate@retriever",
         "dvc exp run --queue -n e-s1 -S data.train=xquad_r -S sampler.ratio=0 -S seed=1 evaluate@retriever",
         "dvc exp run --queue -n e-s2 -S data.train=xquad_r -S sampler.ratio=0 -S seed=2 evaluate@retriever",
     ]
@@ -186,6 +205,7 @@ def test_the_page_is_made_again_from_the_committed_tables_alone(tmp_path, monkey
         in page
     )
     assert "better than the default with no significant loss: better (" in page
+    assert "With 3 seeds an arm the t has few degrees of freedom" in page
     assert (tmp_path / "answer" / "x_ratio_sweep.png").stat().st_size > 0
     answer.main()
     assert (tmp_path / "results.md").read_text() == page  # the same tables make the same page

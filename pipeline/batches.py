@@ -7,7 +7,7 @@ passage in Y != X). The other schedules spend the same pair budget differently:
 `sequential` trains round(ratio * steps) mono batches first (or last), `multitask` puts
 mono rows and cross rows in every batch (train gives each its own loss), `pair` is the
 baseline that flips the coin per pair. `sampler.negatives` adds a hard negative per pair:
-another sentence of the answer's paragraph, or one the base model ranks highest (`mined`,
+another sentence of the answer's paragraph, or one the base model ranks highest (`mined`, `mined_query_language`:
 the `mine` stage's table) (docs/strategies.md).
 
 No batch holds two pairs of one group: translations of one question would be
@@ -40,6 +40,7 @@ from pipeline.common import (
 )
 from pipeline.contracts import (
     CANDIDATES_SCHEMA,
+    MINED_MODES,
     MINED_PATH,
     MINED_SCHEMA,
     PAIRS_PATH,
@@ -48,6 +49,7 @@ from pipeline.contracts import (
     PARALLEL_QUESTIONS_PATH,
     PLAN_PATH,
     PLAN_SCHEMA,
+    QUERY_LANGUAGE_MODES,
     QUESTIONS_SCHEMA,
     mono_count,
     pairs_stamp,
@@ -282,7 +284,8 @@ def plan_negatives(
     query_language: another sentence of the answer's paragraph in the query's language
     (the paragraph of that language's answer); mined: the best-ranked of the `mined` table's
     negatives (MINED_SCHEMA) of the row's question in the passage's language, which competes
-    with the positive there (no draw: the seed leaves it as it is). A negative is never the
+    with the positive there (no draw: the seed leaves it as it is); mined_query_language: the
+    same in the query's language, which competes as a query-language sibling does. A negative is never the
     answer sentence of its language, nor a text that is a positive anywhere in its batch (that
     query would be pushed away from its own answer); a row without such a sentence (a
     one-sentence paragraph, a question whose mined ones are all positives of its batch) gets
@@ -290,8 +293,8 @@ def plan_negatives(
     """
     if mode == "none":
         return plan
-    if mode == "mined" and mined is None:
-        raise ValueError("mode 'mined' needs the mined table")
+    if mode in MINED_MODES and mined is None:
+        raise ValueError(f"mode '{mode}' needs the mined table")
     cand = candidates.to_pandas().sort_values(["lang", "paragraph", "candidate"], kind="stable", ignore_index=True)
     in_paragraph = cand.groupby(["lang", "paragraph"], sort=False)
     start = np.arange(len(cand)) - in_paragraph.cumcount().to_numpy()
@@ -308,14 +311,14 @@ def plan_negatives(
             raise PipelineError(f"{PARALLEL_QUESTIONS_PATH}: group '{group}' has no '{lang}' question, but the plan has its pair")
         return found.to_numpy(dtype=np.int64)
 
-    negative_langs = "query_lang" if mode == "query_language" else "passage_lang"
+    negative_langs = "query_lang" if mode in QUERY_LANGUAGE_MODES else "passage_lang"
     own, positive = answers(negative_langs), answers("passage_lang")
     steps = pc.max(plan["batch"]).as_py() + 1
     batch = plan["batch"].to_numpy().astype(np.int64)
     positive_texts = text[positive].reshape(steps, -1)
     in_batch = batch * (text.max() + 1)  # (batch, text) as one key
-    if mode == "mined":
-        negative = _best_mined(plan, mined, position, text, in_batch, in_batch + text[positive])
+    if mode in MINED_MODES:
+        negative = _best_mined(plan, mined, negative_langs, position, text, in_batch, in_batch + text[positive])
         return _with_negatives(plan, negative, cand["candidate"].to_numpy(), negative_langs)
 
     rng = np.random.default_rng([seed, NEGATIVES_STREAM])
@@ -332,10 +335,16 @@ def plan_negatives(
 
 
 def _best_mined(
-    plan: pa.Table, mined: pa.Table, position: pd.Series, text: np.ndarray, in_batch: np.ndarray, positive_keys: np.ndarray
+    plan: pa.Table,
+    mined: pa.Table,
+    negative_langs: str,
+    position: pd.Series,
+    text: np.ndarray,
+    in_batch: np.ndarray,
+    positive_keys: np.ndarray,
 ) -> np.ndarray:
-    """Per plan row, the position (in the sorted candidates) of its best-ranked mined negative in the passage's
-    language whose text is no positive of its batch (keys: in_batch + text), or -1."""
+    """Per plan row, the position (in the sorted candidates) of its best-ranked mined negative in the language
+    of the plan's column `negative_langs` whose text is no positive of its batch (keys: in_batch + text), or -1."""
     m = mined.to_pandas()
     at = position.reindex(pd.MultiIndex.from_arrays([m["negative_lang"], m["negative_candidate"]]))
     if at.isna().any():
@@ -349,7 +358,7 @@ def _best_mined(
             "row": np.arange(plan.num_rows),
             "group_id": plan["group_id"].to_numpy(),
             "query_lang": plan["query_lang"].to_numpy(),
-            "negative_lang": plan["passage_lang"].to_numpy(),
+            "negative_lang": plan[negative_langs].to_numpy(),
         }
     )
     offered = rows.merge(m[["group_id", "query_lang", "negative_lang", "rank", "at"]], on=["group_id", "query_lang", "negative_lang"])
@@ -399,7 +408,7 @@ def negatives_note(mode: str, metrics: dict) -> str:
     """What the stage's line says of hard negatives: how many, or why there are none although asked for."""
     if mode == "none":
         return ""
-    if not metrics["negatives.planned"] and mode == "mined":
+    if not metrics["negatives.planned"] and mode in MINED_MODES:
         return f", no mined hard negatives: {MINED_PATH} offers none but positives of their batches"
     if not metrics["negatives.planned"]:
         return (
@@ -419,7 +428,7 @@ def plan_from_params(params: Params) -> tuple[pa.Table, dict, int]:
     if sampler.negatives != "none":
         questions = read_parquet(PARALLEL_QUESTIONS_PATH, QUESTIONS_SCHEMA, made_by=made_by)
         candidates = read_parquet(PARALLEL_CANDIDATES_PATH, CANDIDATES_SCHEMA, made_by=made_by)
-        mined = read_parquet(MINED_PATH, MINED_SCHEMA, made_by=mined_made_by(params)) if sampler.negatives == "mined" else None
+        mined = read_parquet(MINED_PATH, MINED_SCHEMA, made_by=mined_made_by(params)) if sampler.negatives in MINED_MODES else None
         plan = plan_negatives(plan, questions, candidates, sampler.negatives, params.seed, mined)
     return plan, plan_summary(plan, len(groups), sampler.negatives), len(groups)
 

@@ -24,7 +24,7 @@ Tables:
   row per (question, candidate language, rank): for each question (`group_id`,
   `query_lang`) and each language of its group, up to `mine.top_k` candidates of that
   language (`negative_lang`, `negative_candidate`), best first; empty unless
-  `sampler.negatives: mined`;
+  `sampler.negatives` is `mined` or `mined_query_language`;
 - `metrics/eval_queries/<dataset>.parquet`: one row per scored query and setting.
 """
 
@@ -127,8 +127,10 @@ SAMPLER_PARAMS = ("ratio", "schedule", "order", "batch_size", "steps", "negative
 SAMPLER_SCHEDULES = ("hybrid", "sequential", "multitask", "pair")
 SAMPLER_ORDERS = ("mono_first", "cross_first")  # sequential only
 # none | another sentence of the answer's paragraph in the passage's language | in the query's language |
-# what the base model ranks highest in the passage's language (the `mine` stage's table)
-NEGATIVE_MODES = ("none", "paragraph", "query_language", "mined")
+# what the base model ranks highest in the passage's language (the `mine` stage's table) | in the query's language
+NEGATIVE_MODES = ("none", "paragraph", "query_language", "mined", "mined_query_language")
+MINED_MODES = ("mined", "mined_query_language")  # the modes that read the `mine` stage's table (one table serves both)
+QUERY_LANGUAGE_MODES = ("query_language", "mined_query_language")  # the negative is in the query's language
 # The headline figure of each LAReQA setting: the metrics name them, and so do the dev curve
 # (`dev/<figure>` in metrics/train_live) and `train.keep_best`.
 HEADLINE_FIGURES = ("mono_map", "cross_map", "multi_map")
@@ -153,8 +155,9 @@ def pairs_stamp(data_train: str, dev_share: float) -> dict:
 
 def mined_stamp(data_train: str, dev_share: float, negatives: str, mining: dict | None = None) -> dict:
     """What `mine` stamps on its table and `batches` checks: the training data, the negatives mode (another mode
-    gets an empty table) and, for `mined`, the params the mining used (`mine.*`, the model's prefixes and length)."""
-    return {**pairs_stamp(data_train, dev_share), "sampler.negatives": negatives, **(mining or {})}
+    gets an empty table; both mined modes read the same table, stamped `mined`) and, for them, the params the
+    mining used (`mine.*`, the model's prefixes and length)."""
+    return {**pairs_stamp(data_train, dev_share), "sampler.negatives": "mined" if negatives in MINED_MODES else negatives, **(mining or {})}
 
 
 def mono_count(ratio: float, n: int) -> int:

@@ -1,4 +1,5 @@
-"""The `mine` stage: hard negatives the base model ranks highest, for `sampler.negatives: mined`.
+"""The `mine` stage: hard negatives the base model ranks highest, for `sampler.negatives: mined` (negatives
+in the passage's language) and `mined_query_language` (in the query's language), one table for both.
 
 For every training question (group, language) and every language of its group (the only
 languages a plan can pair it with, whatever `sampler.ratio` or schedule), the candidates
@@ -35,6 +36,7 @@ from pipeline.common import atomic_outputs, read_parquet, run_stage, stage_parse
 from pipeline.contracts import (
     BASE_MODEL_DIR,
     CANDIDATES_SCHEMA,
+    MINED_MODES,
     MINED_PATH,
     MINED_SCHEMA,
     PARALLEL_CANDIDATES_PATH,
@@ -86,7 +88,7 @@ def main() -> None:
     params = load_params(args.params)
     mode, mine = params.sampler.negatives, params.mine
     with atomic_outputs(args.out, args.metrics) as (out, metrics_path):
-        if mode != "mined":
+        if mode not in MINED_MODES:
             write_parquet(MINED_SCHEMA.empty_table(), out, made_by=mined_made_by(params))
             write_json({"mode": mode, "negatives": 0}, metrics_path)
         else:
@@ -113,7 +115,7 @@ def main() -> None:
             }
             write_parquet(mined, out, made_by=mined_made_by(params))
             write_json(metrics, metrics_path)
-    if mode != "mined":
+    if mode not in MINED_MODES:
         log.info(f"mine: sampler.negatives is {mode}, nothing to mine: an empty table -> {args.out}")
         return
     log.info(

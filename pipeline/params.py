@@ -53,6 +53,7 @@ from typing import Any
 from pipeline.common import PipelineError, atomic_path, run_stage, stage_parser
 from pipeline.contracts import (
     HEADLINE_FIGURES,
+    MINED_MODES,
     NEGATIVE_MODES,
     PARAMS_CHECKED_PATH,
     PRECISIONS,
@@ -201,7 +202,7 @@ SCHEMA: dict[str, Spec] = {
     "sampler.order": string("sequential: mono_first or cross_first", choices=lambda: SAMPLER_ORDERS),
     "sampler.batch_size": integer("pairs per batch", lo=2, why="(InfoNCE needs in-batch negatives)"),
     "sampler.steps": integer("training steps (batches planned)", lo=1),
-    "sampler.negatives": string("hard negatives: none, paragraph, query_language or mined", choices=lambda: NEGATIVE_MODES),
+    "sampler.negatives": string("hard negatives: none, paragraph, query_language, mined or mined_query_language", choices=lambda: NEGATIVE_MODES),
     "train.lr": number("AdamW's peak learning rate", lo=0, lo_open=True),
     "train.temperature": number("InfoNCE temperature", lo=0, lo_open=True),
     "train.warmup_ratio": number("share of steps of linear warm-up", lo=0, hi=1),
@@ -632,7 +633,7 @@ INERT: list[tuple[tuple[str, ...], Callable[[Params], str | None]]] = [
     (("sampler.order",), lambda p: None if p.sampler.schedule == "sequential" else f"sampler.schedule is {p.sampler.schedule}"),
     (
         tuple(name for name in SCHEMA if name.startswith("mine.")),
-        lambda p: None if p.sampler.negatives == "mined" else f"sampler.negatives is {p.sampler.negatives}",
+        lambda p: None if p.sampler.negatives in MINED_MODES else f"sampler.negatives is {p.sampler.negatives}",
     ),
     (("train.adversary_lr",), lambda p: None if p.train.adversarial_weight else "train.adversarial_weight is 0"),
     (("train.query_noise_rate",), lambda p: None if p.train.query_noise else "train.query_noise is empty"),
@@ -669,7 +670,7 @@ def mined_made_by(params: Params) -> dict:
     """The stamp `mine` writes on its table and `batches` checks. Under another negatives mode the table is
     empty and the mining params are left out, so editing them gives the same bytes and reruns nothing after it."""
     mining = None
-    if params.sampler.negatives == "mined":
+    if params.sampler.negatives in MINED_MODES:
         model = params.model
         mining = {f"mine.{key}": value for key, value in as_dict(params.mine).items()}
         mining |= {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -202,9 +203,10 @@ def everything_mined(questions: pa.Table, candidates: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=MINED_SCHEMA)
 
 
+@pytest.mark.parametrize("mode, langs", [("mined", "passage_lang"), ("mined_query_language", "query_lang")])
 @pytest.mark.parametrize("source", ["mined", "everything"])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_batches_take_the_best_mined_negative_in_the_passage_language_that_is_no_batch_positive(source, ratio):
+def test_batches_take_the_best_mined_negative_in_the_mode_s_language_that_is_no_batch_positive(source, ratio, mode, langs):
     questions, candidates = corpus(n_groups=12)
     mined = mine_negatives(questions, candidates, *embeddings(questions, candidates), 3, 0.05)[0] if source == "mined" else None
     mined = everything_mined(questions, candidates) if mined is None else mined
@@ -212,7 +214,7 @@ def test_batches_take_the_best_mined_negative_in_the_passage_language_that_is_no
     for q in questions.to_pylist():
         groups.setdefault(q["group_id"], []).append(q["lang"])
     plan = plan_batches(groups, ratio, "hybrid", "mono_first", 4, 12, seed=5)
-    with_negatives = plan_negatives(plan, questions, candidates, "mined", 5, mined)
+    with_negatives = plan_negatives(plan, questions, candidates, mode, 5, mined)
     assert with_negatives.schema.equals(PLAN_SCHEMA)
     assert with_negatives.drop_columns(["negative_lang", "negative_candidate"]).equals(
         plan.drop_columns(["negative_lang", "negative_candidate"])
@@ -227,15 +229,14 @@ def test_batches_take_the_best_mined_negative_in_the_passage_language_that_is_no
         batch = [r for r in rows if r["batch"] == b]
         positives = {sentence[(r["passage_lang"], answer[(r["group_id"], r["passage_lang"])])] for r in batch}
         for r in batch:
-            allowed = [
-                c
-                for c in offered.get((r["group_id"], r["query_lang"], r["passage_lang"]), [])
-                if sentence[(r["passage_lang"], c)] not in positives
-            ]
-            expected = (r["passage_lang"], allowed[0]) if allowed else (None, None)
+            allowed = [c for c in offered.get((r["group_id"], r["query_lang"], r[langs]), []) if sentence[(r[langs], c)] not in positives]
+            expected = (r[langs], allowed[0]) if allowed else (None, None)
             assert (r["negative_lang"], r["negative_candidate"]) == expected
     assert with_negatives["negative_candidate"].null_count < plan.num_rows
-    assert plan_negatives(plan, questions, candidates, "mined", 6, mined).equals(with_negatives)  # no draw: the seed changes nothing
+    assert plan_negatives(plan, questions, candidates, mode, 6, mined).equals(with_negatives)  # no draw: the seed changes nothing
+    if ratio < 1:  # cross pairs: the two modes place their negatives in different languages
+        other = plan_negatives(plan, questions, candidates, ({"mined", "mined_query_language"} - {mode}).pop(), 5, mined)
+        assert not pc.all(pc.equal(other["negative_lang"], with_negatives["negative_lang"])).as_py()
 
 
 def test_a_mined_candidate_outside_the_candidates_is_named():
@@ -282,13 +283,26 @@ def test_the_stage_mines_with_the_base_model_and_batches_plans_from_it(tmp_path,
     out = capsys.readouterr().out
     assert f"mine: {mined.num_rows} negatives for 26 (question, language) lists of 14 questions" in out
 
+    table_bytes = (tmp_path / "data/mined/negatives.parquet").read_bytes()
     mine.main()  # the same embeddings, the same table
-    assert pq.read_table(tmp_path / "data/mined/negatives.parquet").equals(mined)
+    assert (tmp_path / "data/mined/negatives.parquet").read_bytes() == table_bytes
     batches.main()
     plan = pq.read_table(tmp_path / "data/batches/plan.parquet")
     chosen = [r for r in plan.to_pylist() if r["negative_candidate"] is not None]
     assert chosen and all(r["negative_lang"] == r["passage_lang"] for r in chosen)
     assert "mined hard negatives" in capsys.readouterr().out
+
+    # in the query's language: the same table (its stamp says `mined`), so batches reads the one already mined
+    write_params(tmp_path, **{"data.train": "mlqa_r", "sampler.batch_size": 4, "sampler.steps": 4, "mine.precision": "fp32",
+                              "mine.top_k": 3, "sampler.negatives": "mined_query_language", "mine.relative_margin": 0.0})  # fmt: skip
+    batches.main()
+    plan = pq.read_table(tmp_path / "data/batches/plan.parquet")
+    chosen = [r for r in plan.to_pylist() if r["negative_candidate"] is not None]
+    assert chosen and all(r["negative_lang"] == r["query_lang"] for r in chosen)
+    assert any(r["query_lang"] != r["passage_lang"] for r in chosen)
+    assert "mined_query_language hard negatives" in capsys.readouterr().out
+    mine.main()
+    assert (tmp_path / "data/mined/negatives.parquet").read_bytes() == table_bytes
 
 
 def test_under_another_mode_the_stage_writes_an_empty_table_without_the_model(tmp_path, monkeypatch, capsys):

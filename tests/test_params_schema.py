@@ -209,8 +209,11 @@ VALUE_CASES = [
     ({"sampler.schedule": "batch"}, "sampler.schedule: 'batch' is not one of hybrid, sequential, multitask, pair"),
     ({"sampler.order": "mono"}, "sampler.order: 'mono' is not one of mono_first, cross_first"),
     ({"sampler.order": None}, "sampler.order: expected a string, got null"),
-    ({"sampler.negatives": "hard"}, "sampler.negatives: 'hard' is not one of none, paragraph, query_language, mined"),
-    ({"sampler.negatives": "mine"}, "sampler.negatives: 'mine' is not one of none, paragraph, query_language, mined (did you mean mined?)"),
+    ({"sampler.negatives": "hard"}, "sampler.negatives: 'hard' is not one of none, paragraph, query_language, mined, mined_query_language"),
+    (
+        {"sampler.negatives": "mine"},
+        "sampler.negatives: 'mine' is not one of none, paragraph, query_language, mined, mined_query_language (did you mean mined?)",
+    ),
     ({"sampler.negatives": False}, "sampler.negatives: expected a string, got the boolean false"),
     ({"sampler.batch_size": 1}, "sampler.batch_size: 1 must be >= 2 (InfoNCE needs in-batch negatives)"),
     ({"sampler.batch_size": 0}, "sampler.batch_size: 0 must be >= 2 (InfoNCE needs in-batch negatives)"),
@@ -297,6 +300,7 @@ GOOD_EDITS = [
     {"sampler.schedule": "multitask", "sampler.negatives": "paragraph", "train.chunk_size": 4},
     {"sampler.negatives": "mined", "mine.top_k": 1, "mine.relative_margin": 0, "mine.precision": "fp32"},
     {"sampler.negatives": "mined", "mine.relative_margin": 0.99},
+    {"sampler.negatives": "mined_query_language", "mine.top_k": 2},
     {"sampler.schedule": "multitask", "sampler.batch_size": 4, "sampler.ratio": 0.5},  # two tasks of two rows
     {"sampler.schedule": "multitask", "sampler.batch_size": 2, "sampler.ratio": 1},  # one task: every row mono
     {"sampler.schedule": "hybrid", "sampler.batch_size": 2, "sampler.ratio": 0.5},  # one task per batch
@@ -446,6 +450,8 @@ def test_inert_params_are_those_the_chosen_options_ignore():
     )
     assert inert_params(used) == {"evaluate.noise_queries": "evaluate.noise is off", "evaluate.noise_seed": "evaluate.noise is off"}
     assert all(name in SCHEMA for names, _ in INERT for name in names)
+    in_query_language = build(edited({"sampler.negatives": "mined_query_language"}))
+    assert not any(name.startswith("mine.") for name in inert_params(in_query_language))
 
 
 def test_the_plan_stamp_leaves_out_what_does_not_change_the_plan():

@@ -293,8 +293,7 @@ def test_the_stage_mines_with_the_base_model_and_batches_plans_from_it(tmp_path,
     assert "mined hard negatives" in capsys.readouterr().out
 
     # in the query's language: the same table (its stamp says `mined`), so batches reads the one already mined
-    write_params(tmp_path, **{"data.train": "mlqa_r", "sampler.batch_size": 4, "sampler.steps": 4, "mine.precision": "fp32",
-                              "mine.top_k": 3, "sampler.negatives": "mined_query_language", "mine.relative_margin": 0.0})  # fmt: skip
+    project(tmp_path, tiny_model_dir, **{"sampler.negatives": "mined_query_language", "mine.relative_margin": 0.0})
     batches.main()
     plan = pq.read_table(tmp_path / "data/batches/plan.parquet")
     chosen = [r for r in plan.to_pylist() if r["negative_candidate"] is not None]
